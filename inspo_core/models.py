@@ -1,0 +1,95 @@
+"""Loading causal LMs and tokenizers, and building tiny ones offline.
+
+`load_model` / `load_tokenizer` take a hub name or a local directory (transformers Auto classes,
+safetensors, no remote code unless asked). `train_tokenizer` and `tiny_llama` build a byte-level
+BPE tokenizer and a small Llama from a config with no download, for tests, worlds and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<sep>", "<unk>"]
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `corpus` (well under a second).
+
+    Special tokens: <pad>, <s> (BOS, added to plain text), </s> (EOS), <sep>, <unk>. Pad and EOS
+    are distinct here, but nothing in the project relies on that.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", sep_token="<sep>",
+        unk_token="<unk>",
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_llama(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
+               max_positions: int = 512, seed: int = 0, tie_word_embeddings: bool = False, **overrides):
+    """A randomly initialised `LlamaForCausalLM` built from a config (no download), fp32, SDPA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+        **overrides,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg)
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:  # padding never decides attention here, so EOS is a safe pad
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False,
+               attn_implementation: str | None = "sdpa"):
+    """`AutoModelForCausalLM.from_pretrained` with safetensors only and no remote code by default."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
+    )

@@ -1,0 +1,215 @@
+"""Preference objectives as pure functions of per-sequence log-probs (paper Table 1).
+
+Every objective takes summed target log-probs of the policy (`chosen_logps`, `rejected_logps`,
+[B]), the reference's (`ref_chosen_logps`, `ref_rejected_logps`, [B]; ignored by reference-free
+objectives) and the target token counts (`chosen_lengths`, `rejected_lengths`, [B]). It returns
+per-example losses and detached implicit rewards; the trainer reduces.
+
+Which log-probs are passed decides plain vs InSPO training: with `chosen_logps = log pi(y_w|x, y_l)`
+and `rejected_logps = log pi(y_l|x, y_w)` every formula below is its Table 1 "INS" row. The
+strategies in `inspo_core.strategies` do that selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """Per-example results, each [B]. Rewards are detached (for logging and accuracy only)."""
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    fn: Callable[..., LossOutput]
+    needs_reference: bool
+    hparams: dict[str, float]  # name -> default
+    summary: str
+    citation: str
+
+
+def _ratio_margin(c, r, rc, rr):
+    """log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), [B]."""
+    return (c - rc) - (r - rr)
+
+
+def _dpo(c, r, rc, rr, lc, lr, *, beta, label_smoothing):
+    # Table 1, DPO: -log sigma(beta * margin). label_smoothing eps > 0 is conservative DPO
+    # (Mitchell 2023): the label is flipped with probability eps.
+    logits = beta * _ratio_margin(c, r, rc, rr)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return LossOutput(losses, (beta * (c - rc)).detach(), (beta * (r - rr)).detach())
+
+
+def _robust(c, r, rc, rr, lc, lr, *, beta, label_smoothing):
+    # Robust DPO (Chowdhury et al. 2024, eq. 8): unbiased under label-flip rate eps.
+    assert label_smoothing < 0.5
+    logits = beta * _ratio_margin(c, r, rc, rr)
+    eps = label_smoothing
+    losses = ((1 - eps) * -F.logsigmoid(logits) - eps * -F.logsigmoid(-logits)) / (1 - 2 * eps)
+    return LossOutput(losses, (beta * (c - rc)).detach(), (beta * (r - rr)).detach())
+
+
+def _ipo(c, r, rc, rr, lc, lr, *, beta, tau):
+    # Table 1, IPO: (margin - 1/(2 tau))^2 on summed log-ratios. beta only scales the logged rewards.
+    losses = (_ratio_margin(c, r, rc, rr) - 1 / (2 * tau)) ** 2
+    return LossOutput(losses, (beta * (c - rc)).detach(), (beta * (r - rr)).detach())
+
+
+def _rdpo(c, r, rc, rr, lc, lr, *, beta, alpha):
+    # Table 1, R-DPO: -log sigma(beta * margin + alpha (|y_w| - |y_l|)).
+    logits = beta * _ratio_margin(c, r, rc, rr) + alpha * (lc - lr)
+    return LossOutput(-F.logsigmoid(logits), (beta * (c - rc)).detach(), (beta * (r - rr)).detach())
+
+
+def _hinge(c, r, rc, rr, lc, lr, *, beta):
+    # SLiC-style hinge on the DPO margin (Liu et al. 2024, RSO): max(0, 1 - beta * margin).
+    losses = torch.relu(1 - beta * _ratio_margin(c, r, rc, rr))
+    return LossOutput(losses, (beta * (c - rc)).detach(), (beta * (r - rr)).detach())
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (x is clamped below 0)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _orpo(c, r, rc, rr, lc, lr, *, beta, lam):
+    # Table 1, ORPO: -log p(y_w) - lam * log sigma(logit p(y_w) - logit p(y_l)),
+    # p(y) = exp(log pi(y) / |y|) (length-normalised likelihood).
+    pc, pr = c / lc, r / lr
+    log_odds = (pc - _log1mexp(pc)) - (pr - _log1mexp(pr))
+    losses = -pc - lam * F.logsigmoid(log_odds)
+    return LossOutput(losses, (beta * pc).detach(), (beta * pr).detach())
+
+
+def _simpo(c, r, rc, rr, lc, lr, *, beta, gamma):
+    # Table 1, SimPO: -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma).
+    cw, cl = beta * c / lc, beta * r / lr
+    return LossOutput(-F.logsigmoid(cw - cl - gamma), cw.detach(), cl.detach())
+
+
+def _cpo(c, r, rc, rr, lc, lr, *, beta, lam):
+    # CPO (Xu et al. 2024, eq. 6): -log sigma(beta log pi(y_w) - beta log pi(y_l)) + lam * NLL(y_w).
+    # The NLL term is per token, as in the authors' implementation (mean cross-entropy).
+    cw, cl = beta * c, beta * r
+    losses = -F.logsigmoid(cw - cl) - lam * c / lc
+    return LossOutput(losses, cw.detach(), cl.detach())
+
+
+def _slic(c, r, rc, rr, lc, lr, *, beta, gamma, lam):
+    # SLiC-HF (Zhao et al. 2023, eq. 3): max(0, gamma - log pi(y_w) + log pi(y_l)) - lam log pi(y_w),
+    # with gamma the calibration margin (delta in the paper); NLL per token as in CPO.
+    losses = torch.relu(gamma - c + r) - lam * c / lc
+    return LossOutput(losses, (beta * c).detach(), (beta * r).detach())
+
+
+def _rrhf(c, r, rc, rr, lc, lr, *, beta, lam):
+    # RRHF (Yuan et al. 2023, eqs. 2-4) for two responses: ranking hinge on length-normalised
+    # log-probs, max(0, p(y_l) - p(y_w)), plus lam * NLL(y_w) per token.
+    pc, pr = c / lc, r / lr
+    losses = torch.relu(pr - pc) - lam * pc
+    return LossOutput(losses, (beta * pc).detach(), (beta * pr).detach())
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in [
+        Objective("dpo", _dpo, True, {"beta": 0.1, "label_smoothing": 0.0},
+                  "DPO; label_smoothing > 0 gives conservative DPO", "Rafailov et al. 2023; Table 1"),
+        Objective("ipo", _ipo, True, {"beta": 0.1, "tau": 0.1},
+                  "IPO: squared distance of the log-ratio margin to 1/(2 tau)", "Azar et al. 2024; Table 1"),
+        Objective("rdpo", _rdpo, True, {"beta": 0.1, "alpha": 0.1},
+                  "R-DPO: DPO with a length term alpha (|y_w| - |y_l|)", "Park et al. 2024; Table 1"),
+        Objective("orpo", _orpo, False, {"beta": 0.1, "lam": 0.1},
+                  "ORPO: NLL plus lam times the odds-ratio loss (reference-free)", "Hong et al. 2024; Table 1"),
+        Objective("simpo", _simpo, False, {"beta": 2.0, "gamma": 1.0},
+                  "SimPO: length-normalised margin with target margin gamma (reference-free)",
+                  "Meng et al. 2024; Table 1"),
+        Objective("cpo", _cpo, False, {"beta": 0.1, "lam": 0.1},
+                  "CPO: reference-free DPO margin plus lam times NLL", "Xu et al. 2024a"),
+        Objective("slic", _slic, False, {"beta": 0.1, "gamma": 1.0, "lam": 0.1},
+                  "SLiC-HF: calibration hinge with margin gamma plus lam times NLL", "Zhao et al. 2023"),
+        Objective("rrhf", _rrhf, False, {"beta": 0.1, "lam": 1.0},
+                  "RRHF: ranking hinge on mean log-probs plus lam times NLL", "Yuan et al. 2023"),
+        Objective("hinge", _hinge, True, {"beta": 0.1},
+                  "hinge on the DPO margin, max(0, 1 - beta * margin)", "Liu et al. 2024 (RSO)"),
+        Objective("robust", _robust, True, {"beta": 0.1, "label_smoothing": 0.1},
+                  "robust DPO, unbiased under label noise rate label_smoothing", "Chowdhury et al. 2024"),
+    ]
+}
+
+HPARAM_NAMES: tuple[str, ...] = tuple(sorted({k for o in OBJECTIVES.values() for k in o.hparams}))
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def resolve_hparams(name: str, hparams: dict[str, float]) -> dict[str, float]:
+    """Defaults of objective `name` overridden by `hparams`; unknown names raise ValueError.
+
+    Hyperparameters that exist for some other objective but not this one are ignored, so a
+    config can carry `beta`, `gamma`, ... for a sweep across objectives.
+    """
+    obj = get_objective(name)
+    unknown = sorted(set(hparams) - set(HPARAM_NAMES))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {unknown} for objective {name!r}; valid names: "
+            f"{', '.join(HPARAM_NAMES)} ({name} uses {', '.join(obj.hparams)})"
+        )
+    out = dict(obj.hparams)
+    out.update({k: float(v) for k, v in hparams.items() if k in obj.hparams})
+    problems = [f"{k}={v} must be > 0" for k, v in out.items() if k in ("beta", "tau") and v <= 0]
+    if "label_smoothing" in out and not 0 <= out["label_smoothing"] < 0.5:
+        problems.append(f"label_smoothing={out['label_smoothing']} must be in [0, 0.5)")
+    if problems:
+        raise ValueError(f"objective {name!r}: " + "; ".join(problems))
+    return out
+
+
+def preference_loss(
+    name: str,
+    *,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    **hparams: float,
+) -> LossOutput:
+    """Per-example loss of objective `name`. All tensors [B]; lengths are target token counts.
+
+    Reference-free objectives ignore the reference inputs (they may be None). Objectives that
+    length-normalise need the lengths.
+    """
+    obj = get_objective(name)
+    hp = resolve_hparams(name, hparams)
+    if obj.needs_reference:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"objective {name!r} needs ref_chosen_logps and ref_rejected_logps")
+    else:
+        ref_chosen_logps = ref_rejected_logps = torch.zeros_like(chosen_logps)
+    if chosen_lengths is None or rejected_lengths is None:
+        if name in ("rdpo", "orpo", "simpo", "cpo", "slic", "rrhf"):
+            raise ValueError(f"objective {name!r} needs chosen_lengths and rejected_lengths")
+        chosen_lengths = rejected_lengths = torch.ones_like(chosen_logps)
+    lc = chosen_lengths.to(chosen_logps.dtype)
+    lr = rejected_lengths.to(chosen_logps.dtype)
+    return obj.fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, lc, lr, **hp)

@@ -1,0 +1,164 @@
+"""Conditioning strategies: which log-probs feed the objective (paper Sec. 5.3, Table 4).
+
+A *view* is one log-prob of a target response, either plain (log pi(y | x)) or conditioned on an
+alternative (log pi(y | x, y_alt)). A strategy is a weighted sum of objective terms, each term
+naming the view used for the chosen and for the rejected response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inspo_core.objectives import LossOutput, get_objective, preference_loss
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True, order=True)
+class View:
+    """log pi(target | x[, context]); target and context are "chosen" or "rejected"."""
+
+    target: str
+    context: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.target if self.context is None else f"{self.target}|{self.context}"
+
+    @property
+    def plain(self) -> "View":
+        return View(self.target)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+W_PLAIN = View("chosen")  # log pi(y_w | x)
+L_PLAIN = View("rejected")  # log pi(y_l | x)
+W_GIVEN_L = View("chosen", "rejected")  # log pi(y_w | x, y_l)
+L_GIVEN_W = View("rejected", "chosen")  # log pi(y_l | x, y_w)
+L_GIVEN_L = View("rejected", "rejected")  # log pi(y_l | x, y_l), Table 4's literal one-sided formula
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    summary: str
+    uses_weight: bool = False
+
+    def terms(self, w: float = 0.5) -> list[tuple[float, View, View]]:
+        """[(weight, chosen view, rejected view)] whose weighted losses are summed."""
+        return _TERMS[self.name](w)
+
+
+_TERMS = {
+    "none": lambda w: [(1.0, W_PLAIN, L_PLAIN)],
+    "symmetric": lambda w: [(1.0, W_GIVEN_L, L_GIVEN_W)],  # eq. 10 / eq. 16
+    "one_sided": lambda w: [(1.0, W_GIVEN_L, L_PLAIN)],
+    "one_sided_paper": lambda w: [(1.0, W_GIVEN_L, L_GIVEN_L)],  # Table 4 (ii) as printed
+    "averaged": lambda w: [(1.0 - w, W_PLAIN, L_PLAIN), (w, W_GIVEN_L, L_GIVEN_W)],  # Table 4 (iv)
+}
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in [
+        Strategy("none", "plain DPO-family training: log pi(y_w|x), log pi(y_l|x)"),
+        Strategy("symmetric", "InSPO (eq. 10/16): log pi(y_w|x,y_l) and log pi(y_l|x,y_w)"),
+        Strategy("one_sided", "only the chosen is conditioned: log pi(y_w|x,y_l), log pi(y_l|x)"),
+        Strategy("one_sided_paper", "Table 4 as printed: log pi(y_w|x,y_l), log pi(y_l|x,y_l)"),
+        Strategy("averaged", "(1-w) * none + w * symmetric (Table 4 'Averaged', w=0.5)", uses_weight=True),
+    ]
+}
+
+REF_CONDITIONING = ("plain", "conditioned")
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid strategies: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def check_ref_conditioning(ref_conditioning: str) -> None:
+    if ref_conditioning not in REF_CONDITIONING:
+        raise ValueError(
+            f"unknown ref_conditioning {ref_conditioning!r}; valid: {', '.join(REF_CONDITIONING)}"
+        )
+
+
+def ref_view(view: View, ref_conditioning: str) -> View:
+    """The reference log-prob paired with policy `view`: plain pi_ref(y|x) unless 'conditioned'."""
+    return view if ref_conditioning == "conditioned" else view.plain
+
+
+def required_views(
+    strategy: str, objective: str, ref_conditioning: str = "plain", w: float = 0.5
+) -> tuple[list[View], list[View]]:
+    """(policy views, reference views) a strategy x objective needs, sorted, without repeats."""
+    check_ref_conditioning(ref_conditioning)
+    pol = strategy_views(strategy, w)
+    ref: set[View] = set()
+    if get_objective(objective).needs_reference:
+        ref = {ref_view(v, ref_conditioning) for v in pol}
+    return sorted(pol), sorted(ref)
+
+
+def strategy_views(strategy: str, w: float = 0.5) -> set[View]:
+    return {v for wt, c, r in get_strategy(strategy).terms(w) if wt != 0 for v in (c, r)}
+
+
+def strategy_loss(
+    objective: str,
+    strategy: str,
+    *,
+    policy_logps: dict[View, Tensor],
+    ref_logps: dict[View, Tensor] | None,
+    lengths: dict[str, Tensor],
+    ref_conditioning: str = "plain",
+    w: float = 0.5,
+    **hparams: float,
+) -> LossOutput:
+    """Weighted sum over the strategy's terms of `preference_loss(objective, ...)`. All [B].
+
+    `policy_logps` / `ref_logps` map views to summed target log-probs; `lengths` maps
+    "chosen"/"rejected" to target token counts (the same tokens in every view).
+    """
+    needs_ref = get_objective(objective).needs_reference
+    total: LossOutput | None = None
+    for weight, cv, rv in get_strategy(strategy).terms(w):
+        if weight == 0:
+            continue
+        kw = {}
+        if needs_ref:
+            assert ref_logps is not None, "reference log-probs missing"
+            kw = dict(
+                ref_chosen_logps=ref_logps[ref_view(cv, ref_conditioning)],
+                ref_rejected_logps=ref_logps[ref_view(rv, ref_conditioning)],
+            )
+        out = preference_loss(
+            objective,
+            chosen_logps=policy_logps[cv],
+            rejected_logps=policy_logps[rv],
+            chosen_lengths=lengths["chosen"],
+            rejected_lengths=lengths["rejected"],
+            **kw,
+            **hparams,
+        )
+        scaled = LossOutput(weight * out.losses, weight * out.chosen_rewards, weight * out.rejected_rewards)
+        total = scaled if total is None else LossOutput(
+            total.losses + scaled.losses,
+            total.chosen_rewards + scaled.chosen_rewards,
+            total.rejected_rewards + scaled.rejected_rewards,
+        )
+    assert total is not None, f"strategy {strategy!r} with w={w} has no term"
+    return total
+
+
+def reflection_gain(policy_logps: dict[View, Tensor]) -> Tensor | None:
+    """[B] mean over both responses of log pi(y|x,y_alt) - log pi(y|x); None if not available."""
+    pairs = [(W_GIVEN_L, W_PLAIN), (L_GIVEN_W, L_PLAIN)]
+    if not all(a in policy_logps and b in policy_logps for a, b in pairs):
+        return None
+    return torch.stack([policy_logps[a] - policy_logps[b] for a, b in pairs]).mean(0)

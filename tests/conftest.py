@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CORPUS = [
+    "the cat sat on the mat and looked at the dog",
+    "answer the question about apples, oranges and pears",
+    "a short reply. a longer, more careful reply with reasons.",
+    "write a haiku about the sea; the sea is blue and wide",
+] * 20
+
+PLAIN_EXAMPLES = [
+    {"prompt": "Name a fruit.", "chosen": "An apple, crisp and sweet.", "rejected": "A cat."},
+    {"prompt": "Describe the sea in a few words please.", "chosen": "Blue and wide.",
+     "rejected": "The sea is a large body of salt water that covers most of the planet."},
+]
+CHAT_EXAMPLES = [
+    {"prompt": [{"role": "user", "content": "Name a fruit."}],
+     "chosen": [{"role": "assistant", "content": "An apple, crisp and sweet."}],
+     "rejected": [{"role": "assistant", "content": "A cat."}]},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The sea?"}],
+     "chosen": "Blue and wide.", "rejected": "The sea is a large body of salt water."},
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from inspo_core.models import train_tokenizer
+
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    from inspo_core.models import tiny_llama
+
+    return tiny_llama(len(tokenizer), seed=0).eval()

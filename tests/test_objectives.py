@@ -1,0 +1,211 @@
+"""Objective tests. Expected values come from scalar formulas written out with `math` below
+(transcribed from Table 1 and the baselines' papers), independent of the torch code."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from inspo_core.objectives import HPARAM_NAMES, OBJECTIVES, preference_loss, resolve_hparams
+from inspo_core.strategies import (
+    L_GIVEN_L, L_GIVEN_W, L_PLAIN, STRATEGIES, W_GIVEN_L, W_PLAIN, reflection_gain, strategy_loss,
+)
+
+
+def softplus(z):  # -log sigma(-z) = log(1 + e^z)
+    return math.log1p(math.exp(z))
+
+
+def nls(z):  # -log sigma(z)
+    return softplus(-z)
+
+
+def logit_of_logp(lp):  # logit(p) with p = exp(lp)
+    p = math.exp(lp)
+    return math.log(p / (1 - p))
+
+
+# Two examples: (c, r, rc, rr, lc, lr) = policy chosen/rejected, ref chosen/rejected, lengths.
+EX = [(-1.0, -3.0, -1.5, -1.0, 2, 4), (-3.0, -1.0, -2.0, -2.5, 3, 1)]
+
+
+def scalar_loss(name, c, r, rc, rr, lc, lr, hp):
+    """Obvious scalar transcription of each objective."""
+    m = (c - rc) - (r - rr)
+    b = hp.get("beta")
+    if name == "dpo":
+        e = hp["label_smoothing"]
+        return (1 - e) * nls(b * m) + e * nls(-b * m)
+    if name == "robust":
+        e = hp["label_smoothing"]
+        return ((1 - e) * nls(b * m) - e * nls(-b * m)) / (1 - 2 * e)
+    if name == "ipo":
+        return (m - 1 / (2 * hp["tau"])) ** 2
+    if name == "rdpo":
+        return nls(b * m + hp["alpha"] * (lc - lr))
+    if name == "hinge":
+        return max(0.0, 1 - b * m)
+    if name == "orpo":
+        return -c / lc + hp["lam"] * nls(logit_of_logp(c / lc) - logit_of_logp(r / lr))
+    if name == "simpo":
+        return nls(b * c / lc - b * r / lr - hp["gamma"])
+    if name == "cpo":
+        return nls(b * c - b * r) - hp["lam"] * c / lc
+    if name == "slic":
+        return max(0.0, hp["gamma"] - c + r) - hp["lam"] * c / lc
+    if name == "rrhf":
+        return max(0.0, r / lr - c / lc) - hp["lam"] * c / lc
+    raise AssertionError(name)
+
+
+def tensors():
+    cols = list(zip(*EX))
+    return [torch.tensor(col, dtype=torch.float64) for col in cols]
+
+
+def call(name, **hp):
+    c, r, rc, rr, lc, lr = tensors()
+    return preference_loss(name, chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc,
+                           ref_rejected_logps=rr, chosen_lengths=lc, rejected_lengths=lr, **hp)
+
+
+def test_dpo_by_hand():
+    """Example 0: margin = (-1 + 1.5) - (-3 + 1) = 2.5; beta = 0.1 -> logits 0.25;
+    loss = log(1 + e^-0.25) = 0.57593; rewards 0.1 * 0.5 = 0.05 and 0.1 * -2 = -0.2."""
+    out = call("dpo", beta=0.1)
+    assert_close(out.losses[0].item(), 0.5759394, atol=1e-6, rtol=0)
+    assert_close(out.chosen_rewards[0].item(), 0.05)
+    assert_close(out.rejected_rewards[0].item(), -0.2)
+
+
+def test_ipo_by_hand():
+    """Example 0: (2.5 - 1/(2*0.1))^2 = (2.5 - 5)^2 = 6.25."""
+    assert_close(call("ipo", tau=0.1).losses[0].item(), 6.25)
+
+
+def test_rdpo_by_hand():
+    """Example 0: 0.1 * 2.5 + 0.1 * (2 - 4) = 0.05; loss = log(1 + e^-0.05) = 0.66846."""
+    assert_close(call("rdpo", beta=0.1, alpha=0.1).losses[0].item(), 0.6684596, atol=1e-6, rtol=0)
+
+
+def test_simpo_by_hand():
+    """Example 0: 2 * (-1/2) - 2 * (-3/4) - 1 = -0.5; loss = log(1 + e^0.5) = 0.97408."""
+    assert_close(call("simpo", beta=2.0, gamma=1.0).losses[0].item(), 0.9740770, atol=1e-6, rtol=0)
+
+
+def test_orpo_by_hand():
+    """Example 0: mean log-probs -0.5 and -0.75; logit(e^-0.5) = 0.43275, logit(e^-0.75) =
+    -0.11064; loss = 0.5 + 0.1 * log(1 + e^-(0.54340)) = 0.5 + 0.1 * 0.45791 = 0.54579."""
+    assert_close(call("orpo", lam=0.1).losses[0].item(), 0.5457913, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_every_objective_matches_scalar_formula(name):
+    hp = resolve_hparams(name, {})
+    out = call(name)
+    want = [scalar_loss(name, *ex, hp) for ex in EX]
+    assert_close(out.losses, torch.tensor(want, dtype=torch.float64), atol=1e-9, rtol=1e-9)
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+
+
+def test_label_smoothing_zero_is_dpo():
+    assert_close(call("dpo", beta=0.3, label_smoothing=0.0).losses, call("dpo", beta=0.3).losses)
+    assert_close(call("robust", beta=0.3, label_smoothing=0.0).losses, call("dpo", beta=0.3).losses)
+
+
+@pytest.mark.parametrize("name", [n for n, o in OBJECTIVES.items() if not o.needs_reference])
+def test_reference_free_objectives_ignore_reference(name):
+    c, r, rc, rr, lc, lr = tensors()
+    a = preference_loss(name, chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc * 7,
+                        ref_rejected_logps=rr - 3, chosen_lengths=lc, rejected_lengths=lr)
+    b = preference_loss(name, chosen_logps=c, rejected_logps=r, chosen_lengths=lc, rejected_lengths=lr)
+    assert_close(a.losses, b.losses)
+
+
+def test_reference_objective_without_reference_is_an_error():
+    c, r, *_ = tensors()
+    with pytest.raises(ValueError, match="needs ref_chosen_logps"):
+        preference_loss("dpo", chosen_logps=c, rejected_logps=r)
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="valid objectives: dpo, ipo"):
+        call("kto")
+    with pytest.raises(ValueError, match="valid names: " + ", ".join(HPARAM_NAMES)):
+        call("dpo", betta=0.1)
+    with pytest.raises(ValueError, match="beta=-1.0 must be > 0"):
+        call("dpo", beta=-1)
+
+
+def test_gradient_direction_dpo():
+    """-d loss / d chosen_logps > 0: DPO raises the chosen log-prob and lowers the rejected."""
+    c = torch.tensor([-1.0], requires_grad=True)
+    r = torch.tensor([-1.0], requires_grad=True)
+    z = torch.zeros(1)
+    preference_loss("dpo", chosen_logps=c, rejected_logps=r, ref_chosen_logps=z, ref_rejected_logps=z).losses.sum().backward()
+    assert c.grad.item() < 0 < r.grad.item()
+    assert_close(c.grad.item(), -0.1 * 0.5)  # beta * sigma(-0) = 0.05
+
+
+# ---- strategies ---------------------------------------------------------------------------------
+
+def view_logps(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {v: -torch.rand(3, generator=g, dtype=torch.float64) * 10 for v in
+            [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W, L_GIVEN_L]}
+
+
+LENGTHS = {"chosen": torch.tensor([3, 5, 2]), "rejected": torch.tensor([4, 1, 6])}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_averaged_limits(objective):
+    pol, ref = view_logps(0), view_logps(1)
+    kw = dict(policy_logps=pol, ref_logps=ref, lengths=LENGTHS)
+    none = strategy_loss(objective, "none", **kw).losses
+    sym = strategy_loss(objective, "symmetric", **kw).losses
+    assert_close(strategy_loss(objective, "averaged", w=0.0, **kw).losses, none)
+    assert_close(strategy_loss(objective, "averaged", w=1.0, **kw).losses, sym)
+    assert_close(strategy_loss(objective, "averaged", w=0.25, **kw).losses, 0.75 * none + 0.25 * sym)
+
+
+def test_symmetric_is_eq_10():
+    """INS-DPO = -log sigma(beta [log pi(w|x,l)/pi_ref(w|x) - log pi(l|x,w)/pi_ref(l|x)])."""
+    pol, ref = view_logps(0), view_logps(1)
+    out = strategy_loss("dpo", "symmetric", policy_logps=pol, ref_logps=ref, lengths=LENGTHS, beta=0.2)
+    for i in range(3):
+        m = (pol[W_GIVEN_L][i] - ref[W_PLAIN][i]) - (pol[L_GIVEN_W][i] - ref[L_PLAIN][i])
+        assert_close(out.losses[i].item(), nls(0.2 * m.item()))
+    cond = strategy_loss("dpo", "symmetric", policy_logps=pol, ref_logps=ref, lengths=LENGTHS, beta=0.2,
+                         ref_conditioning="conditioned")
+    m = (pol[W_GIVEN_L][0] - ref[W_GIVEN_L][0]) - (pol[L_GIVEN_W][0] - ref[L_GIVEN_W][0])
+    assert_close(cond.losses[0].item(), nls(0.2 * m.item()))
+
+
+def test_one_sided_variants():
+    pol, ref = view_logps(0), view_logps(1)
+    kw = dict(policy_logps=pol, ref_logps=ref, lengths=LENGTHS)
+    one = strategy_loss("dpo", "one_sided", **kw).losses[0].item()
+    paper = strategy_loss("dpo", "one_sided_paper", **kw).losses[0].item()
+    m1 = (pol[W_GIVEN_L][0] - ref[W_PLAIN][0]) - (pol[L_PLAIN][0] - ref[L_PLAIN][0])
+    m2 = (pol[W_GIVEN_L][0] - ref[W_PLAIN][0]) - (pol[L_GIVEN_L][0] - ref[L_PLAIN][0])
+    assert_close(one, nls(0.1 * m1.item()))
+    assert_close(paper, nls(0.1 * m2.item()))
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_objective_with_every_strategy(objective, strategy):
+    pol = {v: t.clone().requires_grad_(True) for v, t in view_logps(0).items()}
+    out = strategy_loss(objective, strategy, policy_logps=pol, ref_logps=view_logps(1), lengths=LENGTHS)
+    assert out.losses.shape == (3,) and torch.isfinite(out.losses).all()
+    out.losses.sum().backward()
+    assert any(t.grad is not None and t.grad.abs().sum() > 0 for t in pol.values())
+
+
+def test_reflection_gain():
+    pol = view_logps(0)
+    want = ((pol[W_GIVEN_L] - pol[W_PLAIN]) + (pol[L_GIVEN_W] - pol[L_PLAIN])) / 2
+    assert_close(reflection_gain(pol), want)
+    assert reflection_gain({W_PLAIN: pol[W_PLAIN], L_PLAIN: pol[L_PLAIN]}) is None
