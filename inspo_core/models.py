@@ -7,6 +7,11 @@ BPE tokenizer and a small Llama from a config with no download, for tests, world
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -93,3 +98,28 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str = "auto", trust_re
     return AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
     )
+
+
+def build_tiny(cache_dir: str | Path, texts: list[str], *, vocab_size: int = 512, hidden_size: int = 64,
+               num_layers: int = 2, max_positions: int = 1024, seed: int = 0) -> Path:
+    """A tiny Llama and a tokenizer trained on `texts`, saved under `cache_dir/tiny/<hash>`.
+
+    Rebuilt only when the settings or the corpus change; the directory loads with the Auto classes.
+    """
+    spec = json.dumps([vocab_size, hidden_size, num_layers, max_positions, seed,
+                       hashlib.sha256("\x00".join(texts).encode()).hexdigest()])
+    path = Path(cache_dir) / "tiny" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+    if (path / "config.json").is_file():
+        return path
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    model = tiny_llama(len(tok), hidden_size=hidden_size, num_layers=num_layers,
+                       num_heads=max(1, hidden_size // 16), max_positions=max_positions, seed=seed)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

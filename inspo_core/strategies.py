@@ -16,7 +16,7 @@ from inspo_core.objectives import LossOutput, get_objective, preference_loss
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class View:
     """log pi(target | x[, context]); target and context are "chosen" or "rejected"."""
 
@@ -33,6 +33,9 @@ class View:
 
     def __str__(self) -> str:
         return self.key
+
+    def __lt__(self, other: "View") -> bool:  # a stable order for row layout and cache keys
+        return self.key < other.key
 
 
 W_PLAIN = View("chosen")  # log pi(y_w | x)

@@ -1,0 +1,190 @@
+"""Builder + engine against a slow obvious computation: token ids written out by hand, one model
+call per sequence, target log-probs summed in a Python loop."""
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import CHAT_EXAMPLES, PLAIN_EXAMPLES
+from inspo_core.conditioning import BuilderConfig, ConditioningBuilder, collate_views
+from inspo_core.logps import view_logps
+from inspo_core.strategies import L_GIVEN_L, L_GIVEN_W, L_PLAIN, W_GIVEN_L, W_PLAIN
+
+ALL_VIEWS = [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W, L_GIVEN_L]
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def slow_logp(model, seq, n_target):
+    """Sum of log pi(seq[t] | seq[:t]) over the last n_target tokens, one position at a time."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq])).logits[0].double()
+    total = 0.0
+    for t in range(len(seq) - n_target, len(seq)):
+        total += torch.log_softmax(logits[t - 1], -1)[seq[t]].item()
+    return total
+
+
+def expected_plain(tok, ex, fmt, view):
+    """Hand-built sequence for plain-text data: [BOS] prompt | context | response [EOS]."""
+    bos, eos, sep = tok.bos_token_id, tok.eos_token_id, tok.sep_token_id
+    prompt = [bos] + ids(tok, ex["prompt"])
+    target = ids(tok, ex[view.target]) + [eos]
+    ctx = []
+    if view.context:
+        alt = ex[view.context]
+        ctx = {"sep": [sep] + ids(tok, alt) + [sep],
+               "raw": ids(tok, alt) + [eos],
+               "template": ids(tok, "<<") + ids(tok, alt) + ids(tok, ">>\n")}[fmt]
+    return prompt + ctx + target, len(target)
+
+
+def expected_chat(tok, ex, fmt, view):
+    """Hand-rendered chat text for conftest's CHAT_TEMPLATE."""
+    msgs = "".join(f"<|{m['role']}|>\n{m['content']}</s>\n" for m in ex["prompt"])
+    prompt = ids(tok, "<s>" + msgs + "<|assistant|>\n")
+
+    def text(r):
+        v = ex[r]
+        return v if isinstance(v, str) else v[0]["content"]
+
+    target = ids(tok, text(view.target) + "</s>\n")
+    ctx = []
+    if view.context:
+        alt = text(view.context)
+        ctx = {"sep": [tok.sep_token_id] + ids(tok, alt) + [tok.sep_token_id],
+               "raw": ids(tok, alt + "</s>\n"),
+               "template": ids(tok, "<<") + ids(tok, alt) + ids(tok, ">>\n")}[fmt]
+    return prompt + ctx + target, len(target)
+
+
+@pytest.mark.parametrize("fmt", ["sep", "raw", "template"])
+@pytest.mark.parametrize("kind", ["plain", "chat"])
+def test_builder_and_engine_match_slow_path(tokenizer, tiny_model, fmt, kind):
+    examples, expect = (PLAIN_EXAMPLES, expected_plain) if kind == "plain" else (CHAT_EXAMPLES, expected_chat)
+    cfg = BuilderConfig(context_format=fmt, max_length=256, alpha_draft=None, template="<<{alternative}>>\n")
+    builder = ConditioningBuilder(tokenizer, cfg, ALL_VIEWS)
+    pairs, report = builder.build_all(examples)
+    assert report.examples == len(examples) and not report.counts
+    batch = collate_views(pairs, ALL_VIEWS, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        chunked = view_logps(tiny_model, batch)
+        full = view_logps(tiny_model, batch, method="full")
+    for view in ALL_VIEWS:
+        for i, ex in enumerate(examples):
+            seq, n_target = expect(tokenizer, ex, fmt, view)
+            built, start = pairs[i].sequence(view)
+            assert built == seq, (view, i)
+            assert len(built) - start == n_target
+            want = slow_logp(tiny_model, seq, n_target)
+            # fp32 model vs a float64 sum: 1e-5 absolute plus fp32 rounding of a ~100-nat total
+            assert_close(chunked[view][i].item(), want, atol=1e-5, rtol=1e-6)
+            assert_close(full[view][i].item(), want, atol=1e-5, rtol=1e-6)
+        assert_close(chunked[view], full[view], atol=1e-5, rtol=1e-6)
+
+
+def test_padding_never_decides_attention_when_pad_is_eos(tokenizer, tiny_model):
+    """pad == EOS: rows padded with EOS must score exactly as when run alone."""
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.eos_token
+    builder = ConditioningBuilder(tok, BuilderConfig(max_length=256), [W_PLAIN, W_GIVEN_L])
+    pairs, _ = builder.build_all(PLAIN_EXAMPLES)
+    with torch.no_grad():
+        both = view_logps(tiny_model, collate_views(pairs, builder.views, pad_id=tok.pad_token_id))
+        for i, p in enumerate(pairs):
+            alone = view_logps(tiny_model, collate_views([p], builder.views, pad_id=tok.pad_token_id))
+            for v in builder.views:
+                assert_close(both[v][i], alone[v][0], atol=1e-5, rtol=0)
+
+
+def test_targets_are_the_same_tokens_in_every_view(tokenizer):
+    builder = ConditioningBuilder(tokenizer, BuilderConfig(max_length=60, alpha_draft=0.3), ALL_VIEWS)
+    pair = builder.build(PLAIN_EXAMPLES[1])
+    for v in ALL_VIEWS:
+        seq, start = pair.sequence(v)
+        assert seq[start:] == pair.targets[v.target]
+        assert len(seq) <= 60
+
+
+def test_truncation_rules_table3(tokenizer):
+    """max_length caps each sequence; the alternative is capped at floor(alpha * max_length) tokens
+    and keeps its start; each target keeps its start, cut to its tightest view."""
+    ex = PLAIN_EXAMPLES[1]
+    L, alpha = 64, 0.25
+    builder = ConditioningBuilder(tokenizer, BuilderConfig("raw", max_length=L, alpha_draft=alpha),
+                                  [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W])
+    pair = builder.build(ex)
+    P = 1 + len(ids(tokenizer, ex["prompt"]))
+    chosen = ids(tokenizer, ex["chosen"]) + [tokenizer.eos_token_id]
+    rejected = ids(tokenizer, ex["rejected"]) + [tokenizer.eos_token_id]
+    cap = int(alpha * L)  # 16
+    assert pair.contexts["rejected"] == rejected[:cap]  # long alternative capped, start kept
+    assert pair.contexts["chosen"] == chosen[:cap]
+    assert pair.targets["chosen"] == chosen[: L - P - cap]
+    assert pair.targets["rejected"] == rejected[: L - P - len(pair.contexts["chosen"])]
+    assert {"context_capped", "rejected_truncated"} <= pair.flags
+    # plain-only strategies do not pay for contexts they never use
+    plain = ConditioningBuilder(tokenizer, BuilderConfig("raw", max_length=L, alpha_draft=alpha), [W_PLAIN, L_PLAIN])
+    assert plain.build(ex).targets["chosen"] == chosen[: L - P]
+
+
+def test_uncapped_context_is_cut_to_leave_a_target_token(tokenizer):
+    ex = {"prompt": "Hi", "chosen": "yes", "rejected": " ".join(["the sea is blue"] * 20)}
+    b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=20, alpha_draft=None), [W_GIVEN_L])
+    pair = b.build(ex)
+    seq, start = pair.sequence(W_GIVEN_L)
+    assert len(seq) == 20 and len(seq) - start == 1
+    assert "context_cut_to_fit" in pair.flags and "chosen_truncated" in pair.flags
+
+
+def test_exclude_eos_drops_the_final_token_from_the_score(tokenizer, tiny_model):
+    views = [W_PLAIN, L_PLAIN]
+    with_eos = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64), views).build(PLAIN_EXAMPLES[0])
+    no_eos = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64, exclude_eos=True), views).build(PLAIN_EXAMPLES[0])
+    assert no_eos.loss_lengths["chosen"] == with_eos.loss_lengths["chosen"] - 1
+    with torch.no_grad():
+        a = view_logps(tiny_model, collate_views([with_eos], views))[W_PLAIN]
+        b = view_logps(tiny_model, collate_views([no_eos], views))[W_PLAIN]
+    seq, start = with_eos.sequence(W_PLAIN)
+    eos_term = slow_logp(tiny_model, seq, 1)
+    assert_close(a.item() - b.item(), eos_term, atol=1e-5, rtol=0)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_empty_response_names_the_example(tokenizer):
+    b = ConditioningBuilder(tokenizer, BuilderConfig(), [W_PLAIN])
+    with pytest.raises(ValueError, match=r"example 3: field 'rejected' is empty"):
+        b.build({"prompt": "x", "chosen": "a", "rejected": "  "}, 3)
+    pairs, report = b.build_all([PLAIN_EXAMPLES[0], {"prompt": "x", "chosen": "", "rejected": "b"}], skip_bad=True)
+    assert len(pairs) == 1 and report.skipped[0][0] == 1 and "skipped" in report.summary()
+
+
+def test_prompt_longer_than_max_length(tokenizer):
+    b = ConditioningBuilder(tokenizer, BuilderConfig(max_length=8), [W_PLAIN])
+    with pytest.raises(ValueError, match=r"example 5: the prompt has \d+ tokens.*max_length=8; raise max_length"):
+        b.build({"prompt": "the cat sat on the mat and looked at the dog", "chosen": "a", "rejected": "b"}, 5)
+
+
+def test_missing_chat_template(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    b = ConditioningBuilder(tok, BuilderConfig(), [W_PLAIN])
+    with pytest.raises(ValueError, match=r"example 0: conversational data needs a chat template"):
+        b.build(CHAT_EXAMPLES[0])
+
+
+def test_bad_fields(tokenizer):
+    b = ConditioningBuilder(tokenizer, BuilderConfig(), [W_PLAIN])
+    with pytest.raises(ValueError, match=r"example 2: missing field 'chosen'"):
+        b.build({"prompt": "x", "rejected": "b"}, 2)
+    with pytest.raises(ValueError, match=r"example 0: field 'prompt' must be a string or a list"):
+        b.build({"prompt": 3, "chosen": "a", "rejected": "b"})
+    with pytest.raises(ValueError, match="invalid builder settings: context_format='xml'"):
+        BuilderConfig(context_format="xml")
+    with pytest.raises(ValueError, match="sep_token 'no such sep' is not a single token"):
+        ConditioningBuilder(tokenizer, BuilderConfig(sep_token="no such sep"), [W_GIVEN_L])

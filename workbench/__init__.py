@@ -1,0 +1,1 @@
+"""InSPO Workbench front-end: `python -m workbench <command>`."""

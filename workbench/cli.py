@@ -1,0 +1,67 @@
+"""`python -m workbench <command>`: each command is one config dataclass and one function.
+
+Flags are generated from the dataclass fields (`--max_steps 4`), applied over `--config FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Callable
+
+from inspo_core.config import TrainConfig, field_types, load_config
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    parser.add_argument("--config", help="YAML file with keys of this command; flags override it")
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if types[f.name] is bool:
+            kw.update(nargs="?", const="true", metavar="BOOL")
+        parser.add_argument(f"--{f.name}", **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    return load_config(cls, args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from inspo_core.trainer import train
+
+    cfg = config_from_args(TrainConfig, args)
+    train(cfg)
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Any, Callable]] = {
+    "train": ("one training run (also under `accelerate launch -m workbench train ...`)", TrainConfig, cmd_train),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workbench", description="InSPO Workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, cls, func) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if cls is not None:
+            add_config_args(p, cls)
+        p.set_defaults(func=func, cls=cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = args.func
+    del args.func, args.cls
+    try:
+        return func(args)
+    except ValueError as e:  # configuration and data problems: a clear message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
