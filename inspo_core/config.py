@@ -143,10 +143,15 @@ class TrainConfig:
 
 # ---- loading --------------------------------------------------------------------------------------
 
+def _resolve(tp):
+    if isinstance(tp, str):  # annotations are strings under `from __future__ import annotations`
+        tp = eval(tp, vars(typing) | {"list": list, "dict": dict})
+    return tp
+
+
 def _base_type(tp) -> type:
     """The concrete type of an annotation such as `int | None` -> int."""
-    if isinstance(tp, str):
-        tp = eval(tp, vars(typing) | {"list": list, "dict": dict})  # annotations are strings here
+    tp = _resolve(tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -158,11 +163,15 @@ def field_types(cls) -> dict[str, type]:
     return {f.name: _base_type(f.type) for f in dataclasses.fields(cls)}
 
 
+def optional_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if type(None) in typing.get_args(_resolve(f.type))}
+
+
 def coerce(cls, key: str, value: Any) -> Any:
-    """A YAML or CLI value converted to the field's type; 'null'/'none' give None."""
+    """A YAML or CLI value converted to the field's type; 'null'/'none' give None where allowed."""
     tp = field_types(cls)[key]
     if isinstance(value, str):
-        if value.lower() in ("null", "none", "~"):
+        if value.lower() in ("null", "none", "~") and key in optional_fields(cls):
             return None
         if tp is bool:
             if value.lower() in ("1", "true", "yes", "on"):

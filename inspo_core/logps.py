@@ -83,6 +83,8 @@ class TokenLogps(nn.Module):
         if method not in ("chunked", "full"):
             raise ValueError(f"unknown log-prob method {method!r}; valid: chunked, full")
         self.lm, self.method, self.chunk_mb = lm, method, chunk_mb
+        # FSDP auto-wrapping reads the layer classes to shard from the top-level module
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)
 
     def forward(
         self,

@@ -71,6 +71,8 @@ class Trainer:
 
         self.cfg = cfg
         self.acc = accelerator or Accelerator(
+            # on CPU-only machines this makes torchrun-launched processes form a gloo group
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
             gradient_accumulation_steps=cfg.grad_accum,
             mixed_precision="bf16" if cfg.bf16 else "no",
             log_with=cfg.report_to or None,
@@ -307,7 +309,11 @@ class Trainer:
         per_epoch, total = self.schedule()
         policy = self.load_policy(resume_from)
         if cfg.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.to(acc.device)
         self.reference_logps(policy)
 
