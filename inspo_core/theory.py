@@ -1,0 +1,154 @@
+"""Finite-response calculus of the paper's Sections 3-4 (and Appendix B).
+
+Shapes: X prompts, Y responses.
+- `P`: [X, Y, Y], P[x, y, y'] = P(y > y' | x), with P[x, y, y'] + P[x, y', y] = 1.
+- `pi_ref`, context-only policies: [X, Y], rows sum to 1.
+- alternative-conditioned policies: [X, Y', Y], pi[x, y', y] = pi(y | x, y').
+- `rho`: [X] prompt distribution (uniform when omitted).
+Scalarisations Psi: "identity", "log_odds", or any non-decreasing callable on arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+Psi = str | Callable[[np.ndarray], np.ndarray]
+EPS = 1e-12
+
+
+def psi_fn(psi: Psi) -> Callable[[np.ndarray], np.ndarray]:
+    if callable(psi):
+        return psi
+    if psi == "identity":
+        return lambda q: q
+    if psi == "log_odds":
+        return lambda q: np.log(np.clip(q, EPS, 1 - EPS) / np.clip(1 - q, EPS, 1 - EPS))
+    raise ValueError(f"unknown Psi {psi!r}; use 'identity', 'log_odds' or a non-decreasing callable")
+
+
+def check_preferences(P: np.ndarray, atol: float = 1e-9) -> None:
+    if P.ndim != 3 or P.shape[1] != P.shape[2]:
+        raise ValueError(f"P must be [X, Y, Y], got shape {P.shape}")
+    if not np.allclose(P + P.transpose(0, 2, 1), 1.0, atol=atol):
+        raise ValueError("P must satisfy P[x, y, y'] + P[x, y', y] = 1")
+    if (P < 0).any() or (P > 1).any():
+        raise ValueError("P must lie in [0, 1]")
+
+
+def _rho(rho, X):
+    return np.full(X, 1.0 / X) if rho is None else np.asarray(rho, dtype=float)
+
+
+def scores(P: np.ndarray, pi_ref: np.ndarray, psi: Psi = "identity") -> np.ndarray:
+    """S(y; Psi, pi_ref) = sum_y' pi_ref(y'|x) Psi(P(y > y'|x))  (proof of Prop. 3.1). [X, Y]"""
+    return np.einsum("xyz,xz->xy", psi_fn(psi)(P), pi_ref)
+
+
+def _argmax_onehot(values: np.ndarray, atol: float = 1e-12) -> np.ndarray:
+    """Uniform over the maximisers along the last axis (a tie-robust argmax)."""
+    best = values.max(-1, keepdims=True)
+    mask = (values >= best - atol).astype(float)
+    return mask / mask.sum(-1, keepdims=True)
+
+
+def pi_bar(P: np.ndarray, pi_ref: np.ndarray, psi: Psi = "identity") -> np.ndarray:
+    """The context-only optimum: argmax_y S(y; Psi, pi_ref). [X, Y]"""
+    return _argmax_onehot(scores(P, pi_ref, psi))
+
+
+def pi_star(P: np.ndarray, psi: Psi = "identity") -> np.ndarray:
+    """The alternative-conditioned optimum (Theorem 3.2): for each y', argmax_y Psi(P(y > y')).
+
+    [X, Y', Y]. Invariant to pi_ref and, for strictly increasing Psi, to Psi.
+    """
+    return _argmax_onehot(psi_fn(psi)(P).transpose(0, 2, 1))  # [x, y', y]
+
+
+def value(policy: np.ndarray, P: np.ndarray, pi_ref: np.ndarray, psi: Psi = "identity", rho=None) -> float:
+    """V(pi) = E_x E_{y~pi, y'~pi_ref} Psi(P(y > y'|x)) for a [X, Y] or [X, Y', Y] policy."""
+    G = psi_fn(psi)(P)  # [x, y, y']
+    if policy.ndim == 2:
+        per_x = np.einsum("xy,xz,xyz->x", policy, pi_ref, G)
+    elif policy.ndim == 3:
+        per_x = np.einsum("xzy,xz,xyz->x", policy, pi_ref, G)
+    else:
+        raise ValueError(f"policy must be [X, Y] or [X, Y', Y], got shape {policy.shape}")
+    return float(per_x @ _rho(rho, P.shape[0]))
+
+
+def gibbs_target(r: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """Theorem 4.1, eq. 11: pi_r(y|x,y') = pi_ref(y|x) exp(r(x,y,y')/beta) / Z(x,y').
+
+    r: [X, Y, Y'] (r[x, y, y'] = r(x, y, y')); returns [X, Y', Y].
+    """
+    logits = np.log(np.clip(pi_ref, EPS, None))[:, None, :] + r.transpose(0, 2, 1) / beta
+    logits -= logits.max(-1, keepdims=True)
+    w = np.exp(logits)
+    return w / w.sum(-1, keepdims=True)
+
+
+def log_partition(r: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """log Z(x, y') = log sum_y pi_ref(y|x) exp(r(x,y,y')/beta). [X, Y']"""
+    logits = np.log(np.clip(pi_ref, EPS, None))[:, :, None] + r / beta  # [x, y, y']
+    m = logits.max(1, keepdims=True)
+    return (m + np.log(np.exp(logits - m).sum(1, keepdims=True)))[:, 0, :]
+
+
+def choice_model(r: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """Eq. 6: P(y > y'|x) = sigma(2 (r(x,y,y') - beta log Z(x,y'))), made consistent.
+
+    Eq. 6 only defines a valid preference when r(x,y,y') - beta log Z(x,y') is antisymmetric;
+    this returns sigma(u(y,y') - u(y',y)) with u = r - beta log Z, which equals eq. 6 exactly
+    in that case and is a proper preference (P + P^T = 1) in every case. [X, Y, Y]
+    """
+    u = r - beta * log_partition(r, pi_ref, beta)[:, None, :]
+    d = u - u.transpose(0, 2, 1)
+    return 1.0 / (1.0 + np.exp(-d))
+
+
+def implied_preference(pi_cond: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """The preference an alternative-conditioned policy encodes through eq. 9:
+    sigma(beta [log pi(y|x,y')/pi_ref(y|x) - log pi(y'|x,y)/pi_ref(y'|x)]). [X, Y, Y]"""
+    h = beta * (np.log(np.clip(pi_cond, EPS, None)) - np.log(np.clip(pi_ref, EPS, None))[:, None, :])  # [x, y', y]
+    h = h.transpose(0, 2, 1)  # [x, y, y'] = beta log pi(y|x,y')/pi_ref(y|x)
+    return 1.0 / (1.0 + np.exp(-(h - h.transpose(0, 2, 1))))
+
+
+def bradley_terry(utilities: np.ndarray) -> np.ndarray:
+    """Separable preferences P = sigma(c(y) - c(y')) from utilities [X, Y]."""
+    d = utilities[:, :, None] - utilities[:, None, :]
+    return 1.0 / (1.0 + np.exp(-d))
+
+
+def proposition_3_1() -> dict[str, np.ndarray]:
+    """Appendix B's counter-example. Responses: [y1_bar, y2_bar, y_a', y_b'] (one prompt).
+
+    P(y1 > y_a') = 0.9, P(y1 > y_b') = 0.2, P(y2 > y_a') = P(y2 > y_b') = 0.56; comparisons the
+    paper leaves open are 0.5. pi_ref is uniform (0.5, 0.5) or skewed (0.9, 0.1) on {y_a', y_b'}.
+    """
+    P = np.full((1, 4, 4), 0.5)
+    for (i, j), p in {(0, 2): 0.9, (0, 3): 0.2, (1, 2): 0.56, (1, 3): 0.56}.items():
+        P[0, i, j], P[0, j, i] = p, 1 - p
+    return {
+        "P": P,
+        "pi_ref_uniform": np.array([[0.0, 0.0, 0.5, 0.5]]),
+        "pi_ref_skewed": np.array([[0.0, 0.0, 0.9, 0.1]]),
+        "names": np.array(["y1_bar", "y2_bar", "y_a'", "y_b'"]),
+    }
+
+
+def random_world(rng: np.random.Generator, X: int, Y: int, kind: str = "general", concentration: float = 1.0):
+    """A random world (P, pi_ref): 'general' non-separable P, or 'separable' Bradley-Terry P."""
+    pi_ref = rng.dirichlet(np.full(Y, concentration), size=X)
+    if kind == "separable":
+        return bradley_terry(rng.normal(size=(X, Y)) * 2), pi_ref
+    if kind != "general":
+        raise ValueError(f"unknown kind {kind!r}; use 'general' or 'separable'")
+    upper = rng.uniform(size=(X, Y, Y))
+    P = np.triu(upper, 1)
+    P = P + np.transpose(1 - P, (0, 2, 1)) * np.tril(np.ones((Y, Y)), -1)
+    idx = np.arange(Y)
+    P[:, idx, idx] = 0.5
+    return P, pi_ref

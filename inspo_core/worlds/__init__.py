@@ -1,0 +1,1 @@
+"""Synthetic preference worlds with exact oracles: tabular (finite X, Y) and token worlds."""
