@@ -263,6 +263,15 @@ class ConditioningBuilder:
             loss_lengths[r] = len(targets[r]) - int(drop_eos)
         return BuiltPair(enc.index, enc.prompt_ids, targets, contexts, loss_lengths, flags)
 
+    def generation_ids(self, prompt, alternative: str | None = None) -> list[int]:
+        """Token ids to generate from: the prompt alone (deployment), or followed by the rendered
+        alternative, so the model answers as pi(. | x, y_alt) would."""
+        dummy = "placeholder"
+        enc = self.encode({"prompt": prompt, "chosen": alternative or dummy, "rejected": dummy})
+        if alternative is None:
+            return list(enc.prompt_ids)
+        return enc.prompt_ids + self._render(enc, "chosen", self._alt_len(enc, "chosen"))
+
     def build(self, example: dict, index: int = 0) -> BuiltPair:
         return self.layout(self.encode(example, index))
 

@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable
 
 from inspo_core.config import TrainConfig, field_types, load_config
+from workbench.demo import DemoConfig
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -39,7 +40,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from workbench.demo import run_demo
+
+    run_demo(config_from_args(DemoConfig, args))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Any, Callable]] = {
+    "demo": ("the main job: DPO vs INS-DPO end to end in a synthetic world with an exact oracle (CPU, minutes)",
+             DemoConfig, cmd_demo),
     "train": ("one training run (also under `accelerate launch -m workbench train ...`)", TrainConfig, cmd_train),
 }
 

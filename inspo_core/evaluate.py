@@ -1,0 +1,112 @@
+"""Win rates: plain, length-controlled (AlpacaEval 2 style), with bootstrap confidence intervals;
+and judging runs that write each judgement as it lands so an interrupted run resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from inspo_core.runlog import atomic_write_text
+
+
+def win_rate(probs: Sequence[float]) -> float:
+    """Mean probability that the candidate wins; a tie (0.5) counts half."""
+    return float(np.mean(probs)) if len(probs) else float("nan")
+
+
+def lc_win_rate(probs: Sequence[float], len_a: Sequence[int], len_b: Sequence[int], iters: int = 50) -> float:
+    """Length-controlled win rate: fit logit p = w0 + w1 tanh((|a| - |b|) / sd) to the judge's
+    probabilities (a logistic GLM with soft labels, as AlpacaEval 2's LC without the per-instruction
+    term) and report sigma(w0), the win rate at equal length."""
+    p = np.clip(np.asarray(probs, dtype=float), 0.0, 1.0)
+    d = np.asarray(len_a, dtype=float) - np.asarray(len_b, dtype=float)
+    sd = d.std()
+    f = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    Xm = np.stack([np.ones_like(f), f], 1)
+    w = np.zeros(2)
+    for _ in range(iters):  # Newton-Raphson on the soft-label log-likelihood (+ a tiny ridge)
+        q = 1 / (1 + np.exp(-Xm @ w))
+        grad = Xm.T @ (p - q) - 1e-6 * w
+        H = (Xm * (q * (1 - q))[:, None]).T @ Xm + 1e-6 * np.eye(2)
+        step = np.linalg.solve(H, grad)
+        w += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + math.exp(-w[0])))
+
+
+def bootstrap_ci(stat: Callable[[np.ndarray], float], n_items: int, *, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of `stat(indices)` over resamples of the item indices."""
+    if n_items == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    vals = [stat(rng.integers(0, n_items, size=n_items)) for _ in range(n_boot)]
+    lo, hi = np.nanpercentile(vals, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+@dataclass
+class Judgement:
+    key: str
+    prompt: str
+    a: str
+    b: str
+    prob: float  # probability that a is better
+    explanation: str = ""
+
+
+def summarize(judgements: list[Judgement], *, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    probs = np.array([j.prob for j in judgements])
+    la = np.array([len(j.a) for j in judgements])
+    lb = np.array([len(j.b) for j in judgements])
+    wr_lo, wr_hi = bootstrap_ci(lambda i: win_rate(probs[i]), len(probs), n_boot=n_boot, seed=seed)
+    lc = lc_win_rate(probs, la, lb) if len(probs) else float("nan")
+    lc_lo, lc_hi = bootstrap_ci(lambda i: lc_win_rate(probs[i], la[i], lb[i]), len(probs), n_boot=min(n_boot, 300),
+                                seed=seed)
+    return {"n": len(probs), "win_rate": win_rate(probs), "win_rate_ci": [wr_lo, wr_hi],
+            "lc_win_rate": lc, "lc_win_rate_ci": [lc_lo, lc_hi],
+            "wins": int((probs > 0.5).sum()), "ties": int((probs == 0.5).sum()), "losses": int((probs < 0.5).sum())}
+
+
+class JudgementLog:
+    """Judgements appended to a JSONL file as they finish; a rerun skips keys already judged."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.done: dict[str, Judgement] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash: judged again
+                    continue
+                self.done[row["key"]] = Judgement(**row)
+
+    def add(self, j: Judgement) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(j.__dict__) + "\n")
+        self.done[j.key] = j
+
+
+def judge_all(judge, items: list[tuple[str, str, str, str]], log: JudgementLog, progress=None) -> list[Judgement]:
+    """items: (key, prompt, a, b). Judges what `log` lacks; a judge error stops with the rest kept."""
+    out = []
+    for key, prompt, a, b in items:
+        if key not in log.done:
+            prob, why = judge.compare(prompt, a, b)
+            log.add(Judgement(key, prompt, a, b, float(prob), why))
+        out.append(log.done[key])
+        if progress:
+            progress()
+    return out
+
+
+def write_json(path: str | Path, doc: dict) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=1))

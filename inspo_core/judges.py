@@ -1,0 +1,213 @@
+"""Judges: `compare(prompt, a, b) -> (probability that a is better, explanation)`.
+
+- `OracleJudge`: a world's exact preference.
+- `RewardModelJudge`: sigma(r(a) - r(b)) from an `AutoModelForSequenceClassification`.
+- `LLMJudge`: a local causal LM with an AlpacaEval-style pairwise prompt, scored from the
+  probabilities of the two label tokens, averaged over both orders to cancel position bias.
+- `HTTPJudge`: the same prompt sent to an OpenAI-compatible chat-completions endpoint; base URL
+  and key come from the environment, and the key never appears in logs or errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+JUDGE_PROMPT = (
+    "You are comparing two responses to the same instruction. Pick the more helpful, correct and "
+    "relevant one.\n\n# Instruction\n{instruction}\n\n# Output (a)\n{a}\n\n# Output (b)\n{b}\n\n"
+    "# Which output is better? Answer with a single letter, a or b.\nAnswer:"
+)
+
+
+class JudgeError(RuntimeError):
+    pass
+
+
+class OracleJudge:
+    name = "oracle"
+
+    def __init__(self, world):
+        self.world = world
+
+    def compare(self, prompt: str, a: str, b: str) -> tuple[float, str]:
+        p = self.world.preference(prompt, a, b)
+        ya, yb = self.world.parse(a), self.world.parse(b)
+        name = lambda y: "unparseable" if y is None else self.world.items[y]  # noqa: E731
+        return p, f"oracle: {name(ya)} vs {name(yb)}"
+
+
+class RewardModelJudge:
+    name = "reward_model"
+
+    def __init__(self, path: str, *, trust_remote_code: bool = False, device: str = "cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True).to(device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{path}: a reward model has num_labels=1, this one has {self.model.config.num_labels}")
+        self.device = device
+
+    @torch.no_grad()
+    def reward(self, prompt: str, response: str) -> float:
+        if getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template([{"role": "user", "content": prompt},
+                                                 {"role": "assistant", "content": response}], tokenize=False)
+            enc = self.tok(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            enc = self.tok(prompt, response, return_tensors="pt")
+        return float(self.model(**enc.to(self.device)).logits[0, 0])
+
+    def compare(self, prompt: str, a: str, b: str) -> tuple[float, str]:
+        ra, rb = self.reward(prompt, a), self.reward(prompt, b)
+        return 1 / (1 + math.exp(-(ra - rb))), f"reward(a)={ra:.3f} reward(b)={rb:.3f}"
+
+
+def _label_probs(logprobs: dict[str, float]) -> float:
+    """P(a) from log-probabilities of candidate label tokens, renormalised over a and b."""
+    pa = sum(math.exp(v) for k, v in logprobs.items() if k.strip().lower().strip("()") == "a")
+    pb = sum(math.exp(v) for k, v in logprobs.items() if k.strip().lower().strip("()") == "b")
+    if pa + pb == 0:
+        raise JudgeError("the judge gave neither label 'a' nor 'b' any probability")
+    return pa / (pa + pb)
+
+
+class LLMJudge:
+    name = "llm"
+
+    def __init__(self, path: str, *, trust_remote_code: bool = False, device: str = "cpu"):
+        from inspo_core.models import load_model, load_tokenizer
+
+        self.tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        self.model = load_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
+        self.device = device
+        self.label_ids = {lab: self._label_ids(lab) for lab in ("a", "b")}
+
+    def _label_ids(self, label: str) -> list[int]:
+        ids = set()
+        for text in (label, " " + label, label.upper(), " " + label.upper()):
+            toks = self.tok(text, add_special_tokens=False)["input_ids"]
+            if len(toks) == 1:
+                ids.add(toks[0])
+        if not ids:
+            raise ValueError(f"the judge tokenizer has no single token for the label {label!r}")
+        return sorted(ids)
+
+    def _render(self, prompt: str, a: str, b: str) -> str:
+        text = JUDGE_PROMPT.format(instruction=prompt, a=a, b=b)
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=False)
+        return text
+
+    @torch.no_grad()
+    def prob_first(self, prompt: str, a: str, b: str) -> float:
+        text = self._render(prompt, a, b)
+        enc = self.tok(text, return_tensors="pt", add_special_tokens=not getattr(self.tok, "chat_template", None))
+        logits = self.model(**enc.to(self.device)).logits[0, -1].float()
+        logp = torch.log_softmax(logits, -1)
+        la = torch.logsumexp(logp[self.label_ids["a"]], 0)
+        lb = torch.logsumexp(logp[self.label_ids["b"]], 0)
+        return float(torch.sigmoid(la - lb))
+
+    def compare(self, prompt: str, a: str, b: str) -> tuple[float, str]:
+        p1 = self.prob_first(prompt, a, b)
+        p2 = 1 - self.prob_first(prompt, b, a)
+        return (p1 + p2) / 2, f"P(a) shown first {p1:.3f}; shown second {p2:.3f}"
+
+
+class HTTPJudge:
+    """An OpenAI-compatible judge. Reads INSPO_JUDGE_BASE_URL (e.g. http://127.0.0.1:8000/v1),
+    INSPO_JUDGE_API_KEY (or OPENAI_API_KEY) and INSPO_JUDGE_MODEL unless given."""
+
+    name = "http"
+
+    def __init__(self, base_url: str | None = None, model: str | None = None, *, timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 1.0, both_orders: bool = True):
+        self.base_url = (base_url or os.environ.get("INSPO_JUDGE_BASE_URL", "")).rstrip("/")
+        if not self.base_url:
+            raise ValueError("HTTP judge needs a base URL: set INSPO_JUDGE_BASE_URL (e.g. http://127.0.0.1:8000/v1)")
+        self.model = model or os.environ.get("INSPO_JUDGE_MODEL", "judge")
+        self._key = os.environ.get("INSPO_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        self.timeout, self.retries, self.backoff, self.both_orders = timeout, retries, backoff, both_orders
+
+    def __repr__(self) -> str:  # never show the key
+        return f"HTTPJudge(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self._key else 'unset'})"
+
+    def _post(self, payload: dict) -> dict:
+        url = f"{self.base_url}/chat/completions"
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    body = resp.read()
+                try:
+                    return json.loads(body)
+                except json.JSONDecodeError:
+                    raise JudgeError(f"judge at {url} returned a reply that is not JSON: {body[:200]!r}") from None
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code} {e.reason}"
+                if e.code < 500 and e.code != 429:  # client errors do not get better by retrying
+                    raise JudgeError(f"judge at {url} refused the request: {last}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                last = f"{type(reason).__name__}: {reason}"
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2**attempt)
+        raise JudgeError(f"judge at {url} failed after {self.retries + 1} attempts ({last})")
+
+    def _one_order(self, prompt: str, a: str, b: str) -> tuple[float, str]:
+        reply = self._post({
+            "model": self.model, "temperature": 0, "max_tokens": 1, "logprobs": True, "top_logprobs": 20,
+            "messages": [{"role": "user", "content": JUDGE_PROMPT.format(instruction=prompt, a=a, b=b)}],
+        })
+        try:
+            choice = reply["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise JudgeError(f"malformed judge reply (no choices[0].message): {str(reply)[:200]}") from None
+        top = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs")
+        if top:
+            return _label_probs({t["token"]: t["logprob"] for t in top}), text
+        label = text.strip().lower().strip("()")[:1]
+        if label not in ("a", "b"):
+            raise JudgeError(f"judge answered {text[:50]!r}, not 'a' or 'b'")
+        return (1.0 if label == "a" else 0.0), text
+
+    def compare(self, prompt: str, a: str, b: str) -> tuple[float, str]:
+        p1, t1 = self._one_order(prompt, a, b)
+        if not self.both_orders:
+            return p1, t1
+        p2, t2 = self._one_order(prompt, b, a)
+        return (p1 + 1 - p2) / 2, f"a first: {t1!r} (P(a)={p1:.3f}); b first: {t2!r} (P(b)={p2:.3f})"
+
+
+def make_judge(kind: str, *, world=None, path: str | None = None, base_url: str | None = None,
+               model: str | None = None, trust_remote_code: bool = False):
+    if kind == "oracle":
+        if world is None:
+            raise ValueError("the oracle judge needs a world (world checkpoints or --world)")
+        return OracleJudge(world)
+    if kind in ("reward_model", "llm"):
+        if not path:
+            raise ValueError(f"the {kind} judge needs --judge_model PATH")
+        cls = RewardModelJudge if kind == "reward_model" else LLMJudge
+        return cls(path, trust_remote_code=trust_remote_code)
+    if kind == "http":
+        return HTTPJudge(base_url, model)
+    raise ValueError(f"unknown judge {kind!r}; valid: oracle, reward_model, llm, http")
+
+
+JUDGES = ("oracle", "reward_model", "llm", "http")

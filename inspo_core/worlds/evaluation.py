@@ -1,0 +1,108 @@
+"""Evaluating checkpoints inside a token world with its exact oracle.
+
+V(pi) = E_x E_{y ~ pi(.|x), y' ~ pi_ref(.|x)} Psi(P(y > y' | x)), estimated from samples: y from
+the checkpoint given the prompt alone (deployment), y' from pi_ref, judged by the oracle.
+Optionally the reflective policy pi(. | x, y') is measured too: the checkpoint sees y' rendered as
+in training and answers; that estimates V over the alternative-conditioned class of Theorem 3.2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inspo_core import theory as th
+from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
+from inspo_core.evaluate import bootstrap_ci
+from inspo_core.models import load_model, load_tokenizer
+from inspo_core.strategies import View
+from inspo_core.worlds.token import TokenWorld, sample_responses
+
+LOG_ODDS_CLIP = 0.01  # log-odds of P clipped to [logit 0.01, logit 0.99] so unparseable texts stay finite
+
+
+def psi_values(p: np.ndarray) -> dict[str, np.ndarray]:
+    q = np.clip(p, LOG_ODDS_CLIP, 1 - LOG_ODDS_CLIP)
+    return {"identity": p, "log_odds": np.log(q / (1 - q))}
+
+
+def item_distribution(world: TokenWorld, texts_by_context: list[list[str]]) -> tuple[np.ndarray, float]:
+    """Empirical pi(item | x) over parseable samples [X, Y], and the unparseable fraction."""
+    counts = np.zeros((len(world.prompts), len(world.items)))
+    bad = total = 0
+    for x, texts in enumerate(texts_by_context):
+        for t in texts:
+            y = world.parse(t)
+            total += 1
+            if y is None:
+                bad += 1
+            else:
+                counts[x, y] += 1
+    dist = counts / np.clip(counts.sum(1, keepdims=True), 1, None)
+    return dist, bad / max(total, 1)
+
+
+def reference_samples(world: TokenWorld, ref_dir: str | Path, n: int, seed: int) -> list[list[str]]:
+    model, tok = load_model(str(ref_dir), dtype=torch.float32).eval(), load_tokenizer(str(ref_dir))
+    return [sample_responses(model, tok, p, n, seed=seed * 7919 + x) for x, p in enumerate(world.prompts)]
+
+
+def world_value(world: TokenWorld, model_dir: str | Path, ref_texts: list[list[str]], *, temperature: float = 0.7,
+                top_p: float = 0.95, seed: int = 0, reflective: bool = False, builder: BuilderConfig | None = None,
+                n_boot: int = 1000) -> dict:
+    """V under identity and log-odds with bootstrap CIs, for the deployed policy (prompt only) and,
+    with `reflective`, for pi(. | x, y') on the same y'."""
+    model, tok = load_model(str(model_dir), dtype=torch.float32).eval(), load_tokenizer(str(model_dir))
+    out = {}
+    deployed = [sample_responses(model, tok, p, len(ref_texts[x]), temperature=temperature, top_p=top_p,
+                                 seed=seed * 104729 + x) for x, p in enumerate(world.prompts)]
+    out["deployed"] = _score(world, deployed, ref_texts, n_boot, seed)
+    out["deployed"]["item_distribution"] = item_distribution(world, deployed)[0].tolist()
+    if reflective:
+        b = ConditioningBuilder(tok, builder or BuilderConfig(), [View("chosen", "rejected")])
+        texts = []
+        for x, p in enumerate(world.prompts):
+            # one batched generate per distinct alternative text, in the order of ref_texts[x]
+            groups: dict[str, list[int]] = {}
+            for i, alt in enumerate(ref_texts[x]):
+                groups.setdefault(alt, []).append(i)
+            row = [""] * len(ref_texts[x])
+            for g, (alt, where) in enumerate(groups.items()):
+                ids = torch.tensor([b.generation_ids(p, alt if alt.strip() else None)])
+                torch.manual_seed(seed * 15485863 + x * 1009 + g)
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=16,
+                                     num_return_sequences=len(where), pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+                for i, seq in zip(where, gen[:, ids.shape[1]:]):
+                    row[i] = tok.decode(seq, skip_special_tokens=True).strip()
+            texts.append(row)
+        out["reflective"] = _score(world, texts, ref_texts, n_boot, seed)
+    return out
+
+
+def _score(world, texts, ref_texts, n_boot, seed) -> dict:
+    probs = np.array([world.preference(world.prompts[x], a, b)
+                      for x in range(len(world.prompts)) for a, b in zip(texts[x], ref_texts[x])])
+    res = {"n": int(len(probs)), "unparseable": item_distribution(world, texts)[1],
+           "mean_chars": float(np.mean([len(t) for row in texts for t in row]))}
+    for name, vals in psi_values(probs).items():
+        res[f"V_{name}"] = float(vals.mean())
+        res[f"V_{name}_ci"] = list(bootstrap_ci(lambda i, v=vals: float(v[i].mean()), len(vals), n_boot=n_boot,
+                                                seed=seed))
+    return res
+
+
+def theory_ceilings(world: TokenWorld, ref_texts: list[list[str]]) -> dict:
+    """V of pi_ref, pi_bar and pi_star computed exactly for the world's P and pi_ref's empirical
+    item distribution (unparseable reference samples dropped)."""
+    ref, _ = item_distribution(world, ref_texts)
+    out = {}
+    for name in ("identity", "log_odds"):
+        psi = lambda q, name=name: psi_values(q)[name]  # noqa: E731  the clipped log-odds of the estimates
+        out[name] = {"pi_ref": th.value(ref, world.P, ref, psi),
+                     "pi_bar": th.value(th.pi_bar(world.P, ref, psi), world.P, ref, psi),
+                     "pi_star": th.value(th.pi_star(world.P, psi), world.P, ref, psi)}
+    return out
