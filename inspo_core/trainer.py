@@ -428,7 +428,7 @@ class _progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=2.0)
 
     def update(self, row: dict) -> None:
         if self.bar is not None:

@@ -12,6 +12,9 @@ from typing import Any, Callable
 
 from inspo_core.config import TrainConfig, field_types, load_config
 from workbench.demo import DemoConfig
+from workbench.evaluation import EvalConfig
+from workbench.serve import ServeConfig
+from workbench.sweep import CompareConfig, SweepConfig
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -47,10 +50,42 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from workbench.evaluation import run_eval
+
+    run_eval(config_from_args(EvalConfig, args))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from workbench.sweep import run_sweep
+
+    run_sweep(config_from_args(SweepConfig, args))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from workbench.sweep import run_compare
+
+    run_compare(config_from_args(CompareConfig, args))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from workbench.serve import serve
+
+    serve(config_from_args(ServeConfig, args))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Any, Callable]] = {
     "demo": ("the main job: DPO vs INS-DPO end to end in a synthetic world with an exact oracle (CPU, minutes)",
              DemoConfig, cmd_demo),
     "train": ("one training run (also under `accelerate launch -m workbench train ...`)", TrainConfig, cmd_train),
+    "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", EvalConfig, cmd_eval),
+    "sweep": ("a grid of training runs sharing the reference cache", SweepConfig, cmd_sweep),
+    "compare": ("a table and plots over runs", CompareConfig, cmd_compare),
+    "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", ServeConfig, cmd_serve),
 }
 
 

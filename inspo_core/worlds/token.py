@@ -208,3 +208,20 @@ def sample_pairs(world: TokenWorld, ref_dir: Path, n_pairs: int, out_path: Path,
     log(f"sampled {len(rows)} labelled pairs from pi_ref ({empty} pairs with an empty response left out) "
         f"-> {out_path}")
     return out_path
+
+
+def world_of(model_dir: str | Path) -> tuple[TokenWorld, Path] | None:
+    """(world, pi_ref dir) when `model_dir` is a world's pi_ref or a checkpoint trained from one
+    (a run's final/, best/ or checkpoints/step-N/, or the run directory itself), else None."""
+    import yaml
+
+    p = Path(model_dir)
+    for cand in (p, p.parent, p.parent.parent):
+        if (cand / "world.json").is_file():
+            return TokenWorld(TokenWorldConfig(**json.loads((cand / "world.json").read_text()))), cand
+        conf = cand / "config.yaml"
+        if conf.is_file():
+            ref = Path(str(yaml.safe_load(conf.read_text()).get("resolved_model", "")))
+            if (ref / "world.json").is_file():
+                return TokenWorld(TokenWorldConfig(**json.loads((ref / "world.json").read_text()))), ref
+    return None
