@@ -6,8 +6,6 @@ workbench's HTTP judge call. Binds to 127.0.0.1 unless told otherwise; with INSP
 requests must carry it as a bearer token.
 """
 
-from __future__ import annotations
-
 import os
 import threading
 import time
@@ -15,8 +13,26 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel
 
 from inspo_core.config import opt
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[Message]
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 128
+    n: int = 1
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -35,7 +51,6 @@ class ServeConfig:
 
 def build_app(cfg: ServeConfig):
     from fastapi import FastAPI, Header, HTTPException
-    from pydantic import BaseModel
 
     from inspo_core.models import load_model, load_tokenizer
 
@@ -44,21 +59,6 @@ def build_app(cfg: ServeConfig):
     name = cfg.name or os.path.basename(os.path.normpath(cfg.model))
     lock = threading.Lock()  # one generation at a time: the model is shared
     api_key = os.environ.get("INSPO_SERVE_API_KEY")
-
-    class Message(BaseModel):
-        role: str
-        content: str
-
-    class ChatRequest(BaseModel):
-        model: str | None = None
-        messages: list[Message]
-        temperature: float = 0.7
-        top_p: float = 0.95
-        max_tokens: int = 128
-        n: int = 1
-        seed: int | None = None
-        logprobs: bool = False
-        top_logprobs: int = 0
 
     app = FastAPI(title="InSPO Workbench serve")
 

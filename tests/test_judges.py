@@ -1,0 +1,204 @@
+"""Judges, `workbench serve`, and the HTTP judge against the real server and against failures."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from inspo_core.judges import HTTPJudge, JudgeError, LLMJudge, OracleJudge, RewardModelJudge
+from inspo_core.models import tiny_llama, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ["Which output is better? Answer with a single letter, a or b.", "Output (a) Output (b) Instruction",
+          "Take the apple. Go with the bread. The sea is blue."] * 10
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    """A tiny LM rigged to answer 'a' or 'b': the final norm keeps one hidden unit h0, and only the
+    rows of 'a' (+5 h0) and 'b' (-5 h0) of the LM head are non-zero."""
+    d = tmp_path_factory.mktemp("judge")
+    tok = train_tokenizer(CORPUS, vocab_size=300)
+    model = tiny_llama(len(tok), hidden_size=32, seed=3)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.convert_tokens_to_ids("a"), 0] = 5.0
+        model.lm_head.weight[tok.convert_tokens_to_ids("b"), 0] = -5.0
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_oracle_judge():
+    from inspo_core.worlds.token import TokenWorld, TokenWorldConfig
+
+    w = TokenWorld(TokenWorldConfig(n_items=3))
+    p, why = OracleJudge(w).compare(w.prompts[1], "Take the apple.", "hmm")
+    assert p == 1.0 and "apple vs unparseable" in why
+
+
+def test_llm_judge_is_antisymmetric_over_both_orders(judge_dir):
+    judge = LLMJudge(str(judge_dir))
+    p, why = judge.compare("Name a fruit.", "Take the apple.", "The sea is blue.")
+    q, _ = judge.compare("Name a fruit.", "The sea is blue.", "Take the apple.")
+    assert 0 < p < 1 and p + q == pytest.approx(1.0, abs=1e-6)
+    assert "shown first" in why
+
+
+def test_reward_model_judge(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = train_tokenizer(CORPUS, vocab_size=300, chat_template=None)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    judge = RewardModelJudge(str(tmp_path))
+    ra, rb = judge.reward("p", "Take the apple."), judge.reward("p", "The sea.")
+    p, _ = judge.compare("p", "Take the apple.", "The sea.")
+    assert p == pytest.approx(1 / (1 + torch.exp(torch.tensor(rb - ra)).item()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(judge_dir):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "INSPO_SERVE_API_KEY": "sk-test-secret"}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "--model", str(judge_dir), "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(url + "/models", headers={"Authorization": "Bearer sk-test-secret"})
+            urllib.request.urlopen(req, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read())
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def post(url, payload, key="sk-test-secret"):
+    req = urllib.request.Request(url + "/chat/completions", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+
+def test_serve_matches_the_local_model(served, judge_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    msg = [{"role": "user", "content": "Which output is better?"}]
+    reply = post(served, {"messages": msg, "temperature": 0, "max_tokens": 1, "logprobs": True, "top_logprobs": 5})
+    first = reply["choices"][0]["logprobs"]["content"][0]
+    tok = AutoTokenizer.from_pretrained(judge_dir)
+    model = AutoModelForCausalLM.from_pretrained(judge_dir)
+    ids = tok(tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=False), return_tensors="pt",
+              add_special_tokens=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(**ids).logits[0, -1], -1)
+    best = int(logp.argmax())
+    assert first["token"] == tok.decode([best]) and first["logprob"] == pytest.approx(float(logp[best]), abs=1e-4)
+    assert reply["choices"][0]["message"]["content"] in ("a", "b")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post(served, {"messages": msg}, key="wrong")
+    assert e.value.code == 401
+
+
+def test_http_judge_against_workbench_serve(served, monkeypatch):
+    monkeypatch.setenv("INSPO_JUDGE_BASE_URL", served)
+    monkeypatch.setenv("INSPO_JUDGE_API_KEY", "sk-test-secret")
+    judge = HTTPJudge()
+    p, why = judge.compare("Name a fruit.", "Take the apple.", "The sea is blue.")
+    q, _ = judge.compare("Name a fruit.", "The sea is blue.", "Take the apple.")
+    assert 0 <= p <= 1 and p + q == pytest.approx(1.0, abs=1e-9)
+    assert "sk-test-secret" not in repr(judge) and "sk-test-secret" not in why
+
+
+class Stub(BaseHTTPRequestHandler):
+    mode = "ok"
+    hits = 0
+
+    def do_POST(self):
+        type(self).hits += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.mode == "500":
+            self.send_response(500)
+            self.end_headers()
+            return
+        if self.mode == "400":
+            self.send_response(400)
+            self.end_headers()
+            return
+        if self.mode == "slow":
+            time.sleep(1.5)
+        body = b"this is not json" if self.mode == "garbage" else json.dumps(
+            {"choices": [{"message": {"content": "b" if self.mode == "ok" else "maybe"}}]}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+        except BrokenPipeError:  # the client gave up (the timeout case)
+            pass
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Stub.hits = 0
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("mode, match, hits", [
+    ("500", r"failed after 3 attempts \(HTTP 500", 3),
+    ("400", r"refused the request: HTTP 400", 1),
+    ("garbage", "not JSON", 1),
+    ("unsure", "answered 'maybe', not 'a' or 'b'", 1),
+    ("slow", r"failed after 2 attempts \(.*timed out", 2),
+])
+def test_http_judge_failures_are_clear(stub, monkeypatch, mode, match, hits):
+    _, url = stub
+    Stub.mode = mode
+    monkeypatch.setenv("INSPO_JUDGE_API_KEY", "sk-never-shown")
+    judge = HTTPJudge(url, timeout=0.5, retries=2 if mode != "slow" else 1, backoff=0.01)
+    with pytest.raises(JudgeError, match=match) as e:
+        judge.compare("p", "a", "b")
+    assert Stub.hits == hits and "sk-never-shown" not in str(e.value)
+
+
+def test_http_judge_text_answer_and_server_down(stub, monkeypatch):
+    _, url = stub
+    Stub.mode = "ok"
+    p, _ = HTTPJudge(url, both_orders=False).compare("p", "x", "y")
+    assert p == 0.0  # answered 'b'
+    with pytest.raises(JudgeError, match=r"failed after 2 attempts \(ConnectionRefusedError"):
+        HTTPJudge(f"http://127.0.0.1:{free_port()}/v1", retries=1, backoff=0.01).compare("p", "a", "b")
+    monkeypatch.delenv("INSPO_JUDGE_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="INSPO_JUDGE_BASE_URL"):
+        HTTPJudge()

@@ -1,0 +1,84 @@
+"""The main job and the run-level commands, through the real CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "workbench", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    res = cli("demo", "--fast", "--output_dir", str(out / "runs"), "--cache_dir", str(out / "cache"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+@pytest.mark.slow
+def test_demo_fast_end_to_end(demo):
+    out, res = demo
+    summary = json.loads((out / "runs" / "summary.json").read_text())
+    assert {r["strategy"] for r in summary["runs"]} == {"none", "symmetric"} and len(summary["runs"]) == 4
+    for r in summary["runs"]:
+        lo, hi = r["deployed"]["V_identity_ci"]
+        assert 0 <= lo <= r["deployed"]["V_identity"] <= hi <= 1
+        assert (Path(r["run_dir"]) / "eval.json").is_file() and (Path(r["run_dir"]) / "final" / "config.json").is_file()
+    c = summary["ceilings"]["identity"]
+    assert c["pi_ref"] == pytest.approx(0.5) and c["pi_star"] >= c["pi_bar"] >= 0.5
+    html = (out / "runs" / "report.html").read_text()
+    assert html.count("plotly-graph-div") >= 4 and "V(pi_star)" in html
+    assert "deployed (prompt only)" in res.stdout and "report:" in res.stdout
+
+
+@pytest.mark.slow
+def test_eval_and_compare_on_demo_runs(demo, tmp_path):
+    out, _ = demo
+    runs = sorted((out / "runs").glob("dpo-*-s0"))
+    res = cli("eval", "--checkpoints", ",".join(map(str, runs)), "--n_samples", "10", "--n_boot", "100",
+              "--output", str(tmp_path / "eval.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert doc["judge"] == "oracle" and len(doc["results"]) == 2
+    for r in doc["results"].values():
+        assert r["n"] == 10 * 4 and 0 <= r["win_rate"] <= 1 and 0 <= r["lc_win_rate"] <= 1
+    assert len(list(tmp_path.glob("judgements-*.jsonl"))) == 2  # written as they land
+    res = cli("compare", "--runs", str(out / "runs"), "--output", str(tmp_path / "cmp.html"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "dpo-symmetric-s0" in res.stdout and "eval/reflection_gain" in res.stdout
+    assert (tmp_path / "cmp.html").read_text().count("plotly-graph-div") >= 1
+
+
+def test_sweep_shares_the_reference_cache(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(f"max_steps: 2\nbatch_size: 2\nmax_length: 96\nval_size: 4\nmax_rows: 8\nlr: 0.001\n"
+                    f"cache_dir: {tmp_path / 'cache'}\ntiny_hidden: 32\n")
+    res = cli("sweep", "--base", str(base), "--grid", "strategy=none,symmetric;beta=0.1,0.2",
+              "--output_dir", str(tmp_path / "sweep"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == ["strategy=none,beta=0.1", "strategy=none,beta=0.2",
+                                                "strategy=symmetric,beta=0.1", "strategy=symmetric,beta=0.2"]
+    forwards = [r["reference_forwards"] for r in doc["runs"]]
+    assert forwards[0] > 0 and forwards[1:] == [0, 0, 0]  # the plain reference is computed once
+    bad = cli("sweep", "--base", str(base), "--grid", "strategy=none,sideways")
+    assert bad.returncode == 2 and "sideways" in bad.stderr
+
+
+def test_every_command_has_help(capsys):
+    from workbench.cli import COMMANDS, main
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0 and "--config" in capsys.readouterr().out, name
