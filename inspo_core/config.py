@@ -81,6 +81,9 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
     bf16: bool = opt(False, "bf16 autocast (where the hardware supports it)")
     logps_chunk_mb: float = opt(256, "memory budget of one fp32 logits chunk in the log-prob engine")
+    packing: str = opt("padded", "padded: one row per view; tree: every view of a pair in one prefix tree",
+                       choices=["padded", "tree"])
+    pack_tokens: int | None = opt(None, "tree packing: tokens per packed row (default: the whole micro-batch in one row)")
     # bookkeeping
     output_dir: str = opt("runs/train", "run directory")
     cache_dir: str = opt(".cache/inspo", "reference log-prob cache and tiny models")
@@ -108,6 +111,7 @@ class TrainConfig:
         choice("strategy", list(STRATEGIES))
         choice("ref_conditioning", list(REF_CONDITIONING))
         choice("context_format", list(CONTEXT_FORMATS))
+        choice("packing", ["padded", "tree"])
         if self.objective in OBJECTIVES:
             try:
                 resolve_hparams(self.objective, self.objective_hparams())

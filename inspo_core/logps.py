@@ -93,13 +93,17 @@ class TokenLogps(nn.Module):
         predict_rows: Tensor,
         predict_cols: Tensor,
         position_ids: Tensor | None = None,
+        targets: Tensor | None = None,
     ) -> Tensor:
-        """Log-prob of input_ids[r, c + 1] given its prefix for each (r, c): [N] fp32.
+        """Log-prob of the token that follows position (r, c) for each (r, c): [N] fp32.
 
         input_ids: [R, T]; attention_mask: [R, T] (or a 4-D float mask [R, 1, T, T] for tree
-        packing); predict_rows / predict_cols: [N] positions whose next token is scored.
+        packing); predict_rows / predict_cols: [N] positions whose next token is scored;
+        targets: [N] those tokens, default input_ids[r, c + 1] (tree packing passes its own, since
+        in a tree the next token on a path need not be the next column).
         """
-        targets = input_ids[predict_rows, predict_cols + 1]
+        if targets is None:
+            targets = input_ids[predict_rows, predict_cols + 1]
         if self.method == "full":
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
             logp = out.logits.float().log_softmax(-1)

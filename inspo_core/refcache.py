@@ -75,17 +75,29 @@ def sequences_fingerprint(pairs: list[BuiltPair], views: list[View]) -> str:
 
 
 def compute_ref_logps(
-    model, pairs: list[BuiltPair], views: list[View], *, batch_size: int = 8, pad_id: int = 0, chunk_mb: float = 256
+    model, pairs: list[BuiltPair], views: list[View], *, batch_size: int = 8, pad_id: int = 0, chunk_mb: float = 256,
+    packing: str = "padded",
 ) -> tuple[dict[View, torch.Tensor], int]:
-    """({view: [N] fp32}, number of forward passes) with gradients off and the model in eval mode."""
+    """({view: [N] fp32}, number of forward passes) with gradients off and the model in eval mode.
+
+    With packing="tree" each pair's reference views share one prefix tree ([x | y_l | y_w])."""
+    from inspo_core.logps import TokenLogps
+    from inspo_core.packing import pack_pairs, packed_view_logps, to_device
+
     was_training = model.training
     model.eval()
     out: dict[View, list[torch.Tensor]] = {v: [] for v in views}
     forwards = 0
     with torch.no_grad():
+        dev = next(model.parameters()).device
         for s in range(0, len(pairs), batch_size):
-            batch = collate_views(pairs[s : s + batch_size], views, pad_id)
-            for v, t in view_logps(model, batch, chunk_mb=chunk_mb).items():
+            chunk = pairs[s : s + batch_size]
+            if packing == "tree":
+                got = packed_view_logps(TokenLogps(model, chunk_mb=chunk_mb), to_device(pack_pairs(chunk, views, pad_id=pad_id), dev),
+                                        views, len(chunk))
+            else:
+                got = view_logps(model, collate_views(chunk, views, pad_id), chunk_mb=chunk_mb)
+            for v, t in got.items():
                 out[v].append(t.float().cpu())
             forwards += 1
     model.train(was_training)

@@ -26,6 +26,7 @@ from inspo_core.data import load_rows, prepare_rows, split_rows
 from inspo_core.logps import TokenLogps, sequence_logps
 from inspo_core.models import build_tiny, load_model, load_tokenizer
 from inspo_core.objectives import get_objective
+from inspo_core.packing import pack_pairs, packed_view_logps, to_device
 from inspo_core.refcache import RefCache, RefStats, compute_ref_logps, files_fingerprint, model_fingerprint
 from inspo_core.runlog import MetricsLog, write_config
 from inspo_core.strategies import View, get_strategy, reflection_gain, required_views, strategy_loss
@@ -191,7 +192,8 @@ class Trainer:
                     ctx = model.disable_adapter() if cfg.lora else contextlib.nullcontext()
                     with ctx, self.acc.autocast():
                         return compute_ref_logps(model, pairs, views, batch_size=cfg.batch_size,
-                                                 pad_id=self.pad_id, chunk_mb=cfg.logps_chunk_mb)
+                                                 pad_id=self.pad_id, chunk_mb=cfg.logps_chunk_mb,
+                                                 packing=cfg.packing)
 
                 results.append(cache.get_or_compute(key, views, compute))
         (self.ref_train, s1), (self.ref_val, s2) = results
@@ -237,12 +239,22 @@ class Trainer:
     # ---- loss ---------------------------------------------------------------------------------------
     def loss_terms(self, scorer, pairs: list[BuiltPair], idx: list[int], views, ref: dict) -> dict[str, Any]:
         cfg = self.cfg
-        batch = collate_views(pairs, views, self.pad_id)
         dev = self.acc.device
-        with self.acc.autocast():
-            out = sequence_logps(scorer, batch.input_ids.to(dev), batch.attention_mask.to(dev),
-                                 batch.target_mask.to(dev))
-        logps = batch.split(out.mean if cfg.length_normalize else out.sum)
+        if cfg.packing == "tree":
+            batch = to_device(pack_pairs(pairs, views, pad_id=self.pad_id, row_tokens=cfg.pack_tokens), dev,
+                              torch.bfloat16 if cfg.bf16 else torch.float32)
+            with self.acc.autocast():
+                logps = packed_view_logps(scorer, batch, views, len(pairs))
+            if cfg.length_normalize:
+                logps = {v: t / batch.lengths[v.target].to(dev) for v, t in logps.items()}
+            tokens = batch.tokens
+        else:
+            batch = collate_views(pairs, views, self.pad_id)
+            with self.acc.autocast():
+                out = sequence_logps(scorer, batch.input_ids.to(dev), batch.attention_mask.to(dev),
+                                     batch.target_mask.to(dev))
+            logps = batch.split(out.mean if cfg.length_normalize else out.sum)
+            tokens = int(batch.attention_mask.sum())
         ref_logps = None
         if self.objective.needs_reference:
             ref_logps = {v: t[idx].to(dev) for v, t in ref.items()}
@@ -267,7 +279,7 @@ class Trainer:
         gain = reflection_gain({k: v.detach() for k, v in logps.items()})
         if gain is not None:
             stats["reflection/gain"] = gain
-        return {"loss": res.losses.mean(), "stats": stats, "tokens": int(batch.attention_mask.sum())}
+        return {"loss": res.losses.mean(), "stats": stats, "tokens": tokens}
 
     def reduce_stats(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Means over every example of the global batch (all micro-batches, all processes)."""

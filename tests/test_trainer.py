@@ -264,3 +264,12 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
     res = run_cli("--config", str(bad))
     assert res.returncode == 2 and "unknown TrainConfig key(s) ['learning_rate']" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_tree_packing_trains_like_padding(tmp_path, cache_dir):
+    """Same losses step by step (1e-5) whether the views are padded rows or one prefix tree."""
+    a = Trainer(cfg(tmp_path / "a", cache_dir, strategy="averaged", max_steps=3)).train()
+    b = Trainer(cfg(tmp_path / "b", cache_dir, strategy="averaged", max_steps=3, packing="tree")).train()
+    assert_close(torch.tensor(losses(b.run_dir)), torch.tensor(losses(a.run_dir)), atol=1e-5, rtol=1e-5)
+    assert_close(torch.tensor(losses(b.run_dir, "eval/reflection/gain")),
+                 torch.tensor(losses(a.run_dir, "eval/reflection/gain")), atol=1e-4, rtol=1e-5)

@@ -1,0 +1,151 @@
+"""Prefix-tree packing: every view of a pair from one forward over a tree of segments.
+
+The tree of one pair has the prompt x at the root; its children are the plain targets (y_w, y_l)
+and the rendered contexts (y_l as alternative, y_w as alternative); each context has the targets
+that follow it as children. With `context_format=raw` and an uncut alternative the context *is*
+the plain target, so the two merge: `[x | y_l | y_w | y_w after y_l | y_l after y_w]`. A token
+attends to its own segment up to itself and to all ancestor segments (a 4-D mask); position ids
+continue from the parent, so each root-to-leaf path reproduces the padded sequence exactly.
+Several trees share a row (block-diagonal masks), so no compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inspo_core.conditioning import BuiltPair
+from inspo_core.strategies import View
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class _Segment:
+    tokens: list[int]
+    parent: int | None  # index into the tree's segment list
+    view: View | None = None  # set when this segment is a scored target
+    n_scored: int = 0
+
+
+def build_tree(pair: BuiltPair, views: list[View]) -> list[_Segment]:
+    """Segments in packing order (parents first)."""
+    segs = [_Segment(pair.prompt_ids, None)]
+    node: dict[tuple, int] = {}  # (kind, name) -> segment index
+
+    def context_node(alt: str) -> int:
+        ctx = pair.contexts[alt]
+        if ("plain", alt) in node and segs[node[("plain", alt)]].tokens == ctx:
+            return node[("plain", alt)]  # raw rendering: the plain target doubles as the context
+        if ("ctx", alt) not in node:
+            segs.append(_Segment(ctx, 0))
+            node[("ctx", alt)] = len(segs) - 1
+        return node[("ctx", alt)]
+
+    for v in sorted(views, key=lambda v: v.context is not None):  # plain targets first, so contexts can reuse them
+        parent = 0 if v.context is None else context_node(v.context)
+        segs.append(_Segment(pair.targets[v.target], parent, v, pair.loss_lengths[v.target]))
+        if v.context is None:
+            node[("plain", v.target)] = len(segs) - 1
+    return segs
+
+
+@dataclass
+class PackedBatch:
+    """Rows of packed trees. input_ids, position_ids: [R, N]; attention_mask: [R, 1, N, N] float
+    (0 allowed, -inf masked); pred_rows / pred_cols / pred_targets / pred_seq: [M] scored tokens:
+    the position predicting each, the token, and the index of its (pair, view) in `seqs`."""
+
+    input_ids: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
+    pred_rows: Tensor
+    pred_cols: Tensor
+    pred_targets: Tensor
+    pred_seq: Tensor
+    seqs: list[tuple[int, View]]  # (pair index in the batch, view)
+    lengths: dict[str, Tensor]
+    tokens: int  # real (non-padding) tokens
+
+    def split(self, per_seq: Tensor, views: list[View], num_pairs: int) -> dict[View, Tensor]:
+        out = {v: per_seq.new_zeros(num_pairs) for v in views}
+        for k, (i, v) in enumerate(self.seqs):
+            out[v][i] = per_seq[k]
+        return out
+
+
+def pack_pairs(pairs: list[BuiltPair], views: list[View], *, pad_id: int = 0, row_tokens: int | None = None,
+               dtype: torch.dtype = torch.float32) -> PackedBatch:
+    """Pack the trees of `pairs` into rows of at most `row_tokens` tokens (first fit, in order;
+    default: one row holding everything). A tree longer than `row_tokens` gets a row of its own."""
+    trees = [build_tree(p, views) for p in pairs]
+    sizes = [sum(len(s.tokens) for s in t) for t in trees]
+    limit = row_tokens or sum(sizes)
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i, n in enumerate(sizes):
+        for r, used in enumerate(fill):
+            if used + n <= limit:
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            rows.append([i])
+            fill.append(n)
+    N = max(fill)
+    R = len(rows)
+    input_ids = torch.full((R, N), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, N), dtype=torch.long)
+    allowed = torch.zeros((R, N, N), dtype=torch.bool)
+    pr, pc, pt, ps, seqs = [], [], [], [], []
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            starts, ends, pos_end = [], [], []
+            for s in trees[i]:
+                a, b = at, at + len(s.tokens)
+                p0 = 0 if s.parent is None else pos_end[s.parent]
+                input_ids[r, a:b] = torch.tensor(s.tokens, dtype=torch.long)
+                position_ids[r, a:b] = torch.arange(p0, p0 + len(s.tokens))
+                allowed[r, a:b, a:b] = torch.tril(torch.ones(b - a, b - a, dtype=torch.bool))
+                anc = s.parent
+                while anc is not None:  # all ancestor segments are visible
+                    allowed[r, a:b, starts[anc]:ends[anc]] = True
+                    anc = trees[i][anc].parent
+                if s.view is not None:
+                    k = len(seqs)
+                    seqs.append((i, s.view))
+                    for t in range(s.n_scored):
+                        pr.append(r)
+                        pc.append(a + t - 1 if t > 0 else ends[s.parent] - 1)  # the previous token on the path
+                        pt.append(s.tokens[t])
+                        ps.append(k)
+                starts.append(a)
+                ends.append(b)
+                pos_end.append(p0 + len(s.tokens))
+                at = b
+    mask = torch.zeros((R, 1, N, N), dtype=dtype).masked_fill_(~allowed[:, None], float("-inf"))
+    lengths = {r: torch.tensor([p.loss_lengths[r] for p in pairs], dtype=torch.long)
+               for r in ("chosen", "rejected") if all(r in p.loss_lengths for p in pairs)}
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return PackedBatch(input_ids, position_ids, mask, as_long(pr), as_long(pc), as_long(pt), as_long(ps), seqs,
+                       lengths, sum(sizes))
+
+
+def packed_view_logps(scorer, batch: PackedBatch, views: list[View], num_pairs: int) -> dict[View, Tensor]:
+    """{view: [B] summed log-probs} from one forward over the packed rows."""
+    from inspo_core.logps import as_scorer
+
+    dev = batch.input_ids.device
+    per_token = as_scorer(scorer)(batch.input_ids, batch.attention_mask, batch.pred_rows, batch.pred_cols,
+                                  position_ids=batch.position_ids, targets=batch.pred_targets)
+    per_seq = torch.zeros(len(batch.seqs), dtype=per_token.dtype, device=dev).index_add(0, batch.pred_seq, per_token)
+    return batch.split(per_seq, views, num_pairs)
+
+
+def to_device(batch: PackedBatch, device, dtype=None) -> PackedBatch:
+    f = lambda t: t.to(device)  # noqa: E731
+    mask = batch.attention_mask.to(device, dtype=dtype or batch.attention_mask.dtype)
+    return PackedBatch(f(batch.input_ids), f(batch.position_ids), mask, f(batch.pred_rows), f(batch.pred_cols),
+                       f(batch.pred_targets), f(batch.pred_seq), batch.seqs, batch.lengths, batch.tokens)
