@@ -83,7 +83,7 @@ class TrainConfig:
     logps_chunk_mb: float = opt(256, "memory budget of one fp32 logits chunk in the log-prob engine")
     packing: str = opt("padded", "padded: one row per view; tree: every view of a pair in one prefix tree",
                        choices=["padded", "tree"])
-    pack_tokens: int | None = opt(None, "tree packing: tokens per packed row (default: the whole micro-batch in one row)")
+    pack_tokens: int | None = opt(None, "tree packing: tokens per packed row (default: the largest tree)")
     # bookkeeping
     output_dir: str = opt("runs/train", "run directory")
     cache_dir: str = opt(".cache/inspo", "reference log-prob cache and tiny models")

@@ -77,11 +77,14 @@ class PackedBatch:
 
 def pack_pairs(pairs: list[BuiltPair], views: list[View], *, pad_id: int = 0, row_tokens: int | None = None,
                dtype: torch.dtype = torch.float32) -> PackedBatch:
-    """Pack the trees of `pairs` into rows of at most `row_tokens` tokens (first fit, in order;
-    default: one row holding everything). A tree longer than `row_tokens` gets a row of its own."""
+    """Pack the trees of `pairs` into rows of at most `row_tokens` tokens (first fit, in order).
+
+    The default budget is the largest tree: attention in a row costs (row length)^2 whatever the
+    mask, so small trees share rows up to that size and padding stays small. A tree longer than
+    `row_tokens` gets a row of its own."""
     trees = [build_tree(p, views) for p in pairs]
     sizes = [sum(len(s.tokens) for s in t) for t in trees]
-    limit = row_tokens or sum(sizes)
+    limit = row_tokens or max(sizes)
     rows: list[list[int]] = []
     fill: list[int] = []
     for i, n in enumerate(sizes):

@@ -60,10 +60,22 @@ def lr_lambda(total: int, warmup_ratio: float, min_ratio: float):
     return f
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. /proc's VmHWM belongs to the current program image;
+    ru_maxrss would carry over the parent's peak across fork + exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 class Trainer:

@@ -4,13 +4,13 @@ usage: python tests/memory_probe.py METHOD VOCAB SEQ_LEN CHUNK_MB -> prints the 
 """
 
 import ctypes
-import resource
 import sys
 
 import torch
 
 from inspo_core.logps import sequence_logps
 from inspo_core.models import tiny_llama
+from inspo_core.trainer import peak_rss_mb
 
 
 def fix_mmap_threshold() -> None:
@@ -24,7 +24,7 @@ def fix_mmap_threshold() -> None:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()  # VmHWM: ru_maxrss would include the parent's peak across fork + exec
 
 
 def main(method: str, vocab: int, seq_len: int, chunk_mb: float) -> None:

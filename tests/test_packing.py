@@ -15,7 +15,7 @@ ALL = [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W, L_GIVEN_L]
 
 @pytest.mark.parametrize("fmt", ["sep", "raw", "template"])
 @pytest.mark.parametrize("examples", [PLAIN_EXAMPLES, CHAT_EXAMPLES], ids=["plain", "chat"])
-@pytest.mark.parametrize("row_tokens", [None, 60])
+@pytest.mark.parametrize("row_tokens", [None, 60, 10**6])
 def test_tree_equals_padded(tokenizer, tiny_model, fmt, examples, row_tokens):
     b = ConditioningBuilder(tokenizer, BuilderConfig(fmt, max_length=256, alpha_draft=0.5, exclude_eos=True), ALL)
     pairs, _ = b.build_all(examples * 2)
@@ -60,7 +60,7 @@ def test_gradients_match(tokenizer):
 def test_rows_hold_several_trees_without_padding(tokenizer):
     b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=256), ALL)
     pairs, _ = b.build_all(PLAIN_EXAMPLES * 3)
-    one_row = pack_pairs(pairs, ALL)
+    one_row = pack_pairs(pairs, ALL, row_tokens=10**6)
     assert one_row.input_ids.shape[0] == 1 and one_row.tokens == one_row.input_ids.numel()
     # trees never see each other: the mask is block diagonal
     sizes = [sum(len(s.tokens) for s in build_tree(p, ALL)) for p in pairs]

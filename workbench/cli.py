@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable
 
 from inspo_core.config import TrainConfig, field_types, load_config
+from workbench.bench import BenchConfig
 from workbench.demo import DemoConfig
 from workbench.evaluation import EvalConfig
 from workbench.serve import ServeConfig
@@ -78,6 +79,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from workbench.bench import run_bench
+
+    run_bench(config_from_args(BenchConfig, args))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Any, Callable]] = {
     "demo": ("the main job: DPO vs INS-DPO end to end in a synthetic world with an exact oracle (CPU, minutes)",
              DemoConfig, cmd_demo),
@@ -85,6 +93,7 @@ COMMANDS: dict[str, tuple[str, Any, Callable]] = {
     "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", EvalConfig, cmd_eval),
     "sweep": ("a grid of training runs sharing the reference cache", SweepConfig, cmd_sweep),
     "compare": ("a table and plots over runs", CompareConfig, cmd_compare),
+    "bench": ("the performance benchmark: strategies x packing x reference, side by side", BenchConfig, cmd_bench),
     "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", ServeConfig, cmd_serve),
 }
 
