@@ -31,6 +31,7 @@ from inspo_core.strategies import required_views, strategy_loss
 from inspo_core.trainer import peak_rss_mb
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
+    "tiny": (64, 2, 4, 4, 128, 1000),
     "cpu-small": (256, 4, 4, 4, 688, 32000),
     "0.5b": (1024, 24, 16, 16, 2816, 32000),
 }
@@ -38,7 +39,7 @@ PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
 
 @dataclass
 class BenchConfig:
-    preset: str = opt("cpu-small", "model size: cpu-small (~20M params) or 0.5b (~0.5B, for GPUs)",
+    preset: str = opt("cpu-small", "model size: tiny (tests), cpu-small (~20M params) or 0.5b (~0.5B, for GPUs)",
                       choices=list(PRESETS))
     vocab: int | None = opt(None, "override the preset's vocabulary (e.g. 128256 for a Llama-3 vocabulary)")
     prompt_len: int = opt(128, "prompt tokens")
@@ -46,7 +47,7 @@ class BenchConfig:
     context_format: str = opt("sep", "layout of the alternative (raw lets tree packing share it)",
                               choices=["sep", "raw"])
     batch_size: int = opt(8, "pairs per step")
-    steps: int = opt(4, "timed steps per configuration per round")
+    steps: int = opt(3, "timed steps per configuration per round")
     rounds: int = opt(2, "rounds; configurations are interleaved within a round")
     warmup: int = opt(1, "untimed steps per configuration first")
     strategies: list = opt(["none", "symmetric", "averaged"], "strategies to run")
@@ -136,14 +137,18 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _setup(cfg: BenchConfig):
+def _setup(cfg: BenchConfig, live_reference: bool = True):
+    """Policy and a frozen reference, both the same seeded initial weights; without a live
+    reference the policy itself fills the cache (identical values, one model in memory)."""
     dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                        (cfg.device if cfg.device != "auto" else "cpu"))
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     policy = model_for(cfg).to(dev, dtype)
-    ref_model = model_for(cfg).to(dev, dtype).eval()
-    for p in ref_model.parameters():
-        p.requires_grad_(False)
+    ref_model = policy
+    if live_reference:
+        ref_model = model_for(cfg).to(dev, dtype).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
     pairs = synthetic_pairs(cfg, policy.config.vocab_size)
     return dev, policy, ref_model, pairs
 
@@ -153,7 +158,7 @@ def measure_one_memory(cfg: BenchConfig) -> float:
     strategy, packing, reference = cfg.only.split("/")
     if torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu").type == "cpu":
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: freed blocks leave RSS at once
-    dev, policy, ref_model, pairs = _setup(cfg)
+    dev, policy, ref_model, pairs = _setup(cfg, live_reference=reference == "live")
     r = Runner(cfg, strategy, packing, reference, policy, ref_model, pairs, dev)
     base = peak_rss_mb()
     for _ in range(2):
@@ -218,7 +223,7 @@ def _memory(cfg: BenchConfig, row: dict, dev) -> float:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-        dev2, policy, ref_model, pairs = dev, *_setup(cfg)[1:]
+        dev2, policy, ref_model, pairs = dev, *_setup(cfg, live_reference=row["reference"] == "live")[1:]
         r = Runner(cfg, row["strategy"], row["packing"], row["reference"], policy, ref_model, pairs, dev2)
         torch.cuda.reset_peak_memory_stats(dev)
         for _ in range(2):
