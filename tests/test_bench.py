@@ -2,7 +2,7 @@
 
 import json
 
-from workbench.bench import BenchConfig, check_targets, run_bench, synthetic_pairs
+from workbench.bench import BenchConfig, check_targets, synthetic_pairs
 from workbench.cli import main
 
 CONTRACT = {"strategy", "packing", "reference", "pairs_per_s", "tokens_per_s", "tokens_processed", "peak_mem_mb"}

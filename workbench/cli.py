@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable
 
 from inspo_core.config import TrainConfig, field_types, load_config
+from apps.config import AppConfig
 from workbench.bench import BenchConfig
 from workbench.demo import DemoConfig
 from workbench.evaluation import EvalConfig
@@ -86,6 +87,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    from apps.arena import launch
+
+    launch(config_from_args(AppConfig, args))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Any, Callable]] = {
     "demo": ("the main job: DPO vs INS-DPO end to end in a synthetic world with an exact oracle (CPU, minutes)",
              DemoConfig, cmd_demo),
@@ -94,6 +102,7 @@ COMMANDS: dict[str, tuple[str, Any, Callable]] = {
     "sweep": ("a grid of training runs sharing the reference cache", SweepConfig, cmd_sweep),
     "compare": ("a table and plots over runs", CompareConfig, cmd_compare),
     "bench": ("the performance benchmark: strategies x packing x reference, side by side", BenchConfig, cmd_bench),
+    "app": ("the Gradio app: arena, batch comparison, training dashboard (127.0.0.1 by default)", AppConfig, cmd_app),
     "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", ServeConfig, cmd_serve),
 }
 

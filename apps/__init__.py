@@ -1,0 +1,1 @@
+"""Gradio front-ends of InSPO Workbench."""

@@ -1,0 +1,79 @@
+"""Generation from checkpoints for interactive use: a small model cache and token streaming."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
+from inspo_core.strategies import View
+
+
+class ModelCache:
+    """Keeps the last `size` (model, tokenizer, builder) triples loaded; thread-safe."""
+
+    def __init__(self, size: int = 4, trust_remote_code: bool = False):
+        self.size, self.trust = size, trust_remote_code
+        self._items: OrderedDict[str, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str | Path):
+        from inspo_core.models import load_model, load_tokenizer
+
+        key = str(Path(path).resolve())
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        if not (Path(key) / "config.json").is_file():
+            raise ValueError(f"{path}: not a model directory (no config.json)")
+        tok = load_tokenizer(key, trust_remote_code=self.trust)
+        model = load_model(key, dtype=torch.float32, trust_remote_code=self.trust).eval()
+        builder = ConditioningBuilder(tok, BuilderConfig(max_length=10**6), [View("chosen")])
+        with self._lock:
+            self._items[key] = (model, tok, builder)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return self._items[key]
+
+
+def stream_generate(model, tok, builder, prompt, *, temperature: float = 0.7, top_p: float = 0.95,
+                    max_new_tokens: int = 128, seed: int = 0, stop: threading.Event | None = None) -> Iterator[str]:
+    """Yields the growing response text, generated from the prompt alone (deployment)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return bool(stop is not None and stop.is_set())
+
+    ids = torch.tensor([builder.generation_ids(prompt)])
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
+    sample = temperature > 0
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, do_sample=sample,
+                  temperature=temperature if sample else None, top_p=top_p if sample else None,
+                  top_k=0 if sample else None, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id, stopping_criteria=StoppingCriteriaList([_Stop()]))
+    errors: list[BaseException] = []
+
+    def run():
+        torch.manual_seed(seed)
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as e:  # surfaced to the caller below
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,136 @@
+"""The Gradio app in a real browser (Debian's chromium through Playwright), on 127.0.0.1.
+
+Set INSPO_SCREENSHOTS=DIR to save a screenshot of each tab (how docs/screenshots/ was made).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium not installed")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """A small world's pi_ref and a short INS-DPO run trained from it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from inspo_core.config import TrainConfig
+    from inspo_core.trainer import Trainer
+    from inspo_core.worlds.token import TokenWorld, TokenWorldConfig, build_reference, sample_pairs
+
+    root = tmp_path_factory.mktemp("app")
+    runs = root / "runs"
+    w = TokenWorld(TokenWorldConfig(hidden_size=32, pretrain_steps=80, pretrain_samples=600, n_contexts=2, n_items=4))
+    ref = build_reference(w, root / "cache", log=lambda m: None)
+    shutil.copytree(ref, runs / "pi_ref")
+    pairs = sample_pairs(w, ref, 64, root / "pairs.jsonl", log=lambda m: None)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    Trainer(TrainConfig(model=str(runs / "pi_ref"), data=str(pairs), max_steps=4, batch_size=4, lr=1e-3, beta=0.5,
+                        val_size=8, dedup=False, max_length=96, output_dir=str(runs / "ins-dpo"),
+                        cache_dir=str(root / "cache"), eval_every=2)).train()
+    return runs
+
+
+@pytest.fixture(scope="module")
+def app_url(runs_dir):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "app", "--runs_dir", str(runs_dir), "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read())
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        pg = browser.new_page(viewport={"width": 1300, "height": 1000})
+        pg.goto(app_url)
+        pg.get_by_role("button", name="Compare").wait_for(timeout=60_000)
+        yield pg
+        browser.close()
+
+
+def shot(page, name):
+    d = os.environ.get("INSPO_SCREENSHOTS")
+    if d:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(d) / f"{name}.png"), full_page=True)
+
+
+def test_compare_shows_both_answers_and_the_verdict(page):
+    page.get_by_label("Prompt", exact=True).fill("Ana is shopping today. Which single item should Ana buy?")
+    page.get_by_role("button", name="Compare").click()
+    verdict = page.get_by_text("P(A better) =")
+    verdict.wait_for(timeout=60_000)
+    a = page.get_by_label("Answer A").input_value()
+    b = page.get_by_label("Answer B").input_value()
+    assert a.strip() and b.strip()
+    assert "oracle judge" in page.inner_text("body")
+    shot(page, "arena")
+
+
+def test_vote_is_logged(page, runs_dir):
+    page.get_by_role("button", name="A better").click()
+    page.get_by_text("Vote recorded").wait_for(timeout=30_000)
+    rows = [json.loads(x) for x in (runs_dir / "votes.jsonl").read_text().splitlines()]
+    assert rows[-1]["vote"] == "A better" and rows[-1]["answer_a"] == page.get_by_label("Answer A").input_value()
+    assert rows[-1]["a"] and rows[-1]["b"]
+
+
+def test_bad_path_shows_an_error_and_the_app_keeps_running(page):
+    box = page.get_by_label("Checkpoint A")
+    box.click()
+    box.fill("/etc")
+    box.press("Enter")
+    page.get_by_role("button", name="Compare").click()
+    page.get_by_text("outside the runs directory").first.wait_for(timeout=30_000)
+    assert page.get_by_role("button", name="Compare").is_enabled()
+
+
+def test_dashboard_plots_the_run(page):
+    page.get_by_role("tab", name="Dashboard").click()
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+    assert "ins-dpo" in page.inner_text("body")
+    shot(page, "dashboard")
+
+
+def test_batch_tab_runs_a_prompt_set(page):
+    page.get_by_role("tab", name="Batch").click()
+    page.get_by_role("button", name="Run batch").click()
+    page.get_by_text("win rate of A").wait_for(timeout=120_000)
+    assert "length-controlled" in page.inner_text("body")
+    shot(page, "batch")
