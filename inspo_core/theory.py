@@ -152,3 +152,37 @@ def random_world(rng: np.random.Generator, X: int, Y: int, kind: str = "general"
     idx = np.arange(Y)
     P[:, idx, idx] = 0.5
     return P, pi_ref
+
+
+def psi_box_cox(lam: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Psi_lam(q) = ((q/(1-q))^lam - 1) / lam: a family of increasing scalarisations through the odds;
+    lam -> 0 gives log-odds, lam = 1 gives odds - 1."""
+    if abs(lam) < 1e-9:
+        return psi_fn("log_odds")
+
+    def f(q):
+        odds = np.clip(q, EPS, 1 - EPS) / np.clip(1 - q, EPS, 1 - EPS)
+        return (odds**lam - 1) / lam
+
+    return f
+
+
+def marginalize(pi_cond: np.ndarray, pi_ref: np.ndarray) -> np.ndarray:
+    """The context-only policy sum_y' pi_ref(y'|x) pi(y|x,y'): what remains of an
+    alternative-conditioned policy when it must answer without an alternative. [X, Y]"""
+    return np.einsum("xz,xzy->xy", pi_ref, pi_cond)
+
+
+def value_gaps(n_worlds: int, X: int, Y: int, *, kind: str = "general", psi: Psi = "identity",
+               seed: int = 0) -> dict[str, np.ndarray]:
+    """Over random worlds: V(pi_star), V(pi_bar), V(marginalised pi_star) and V(pi_ref), each [n]."""
+    rng = np.random.default_rng(seed)
+    out = {k: np.zeros(n_worlds) for k in ("pi_star", "pi_bar", "pi_star_marginal", "pi_ref")}
+    for i in range(n_worlds):
+        P, ref = random_world(rng, X, Y, kind)
+        star = pi_star(P, psi)
+        out["pi_star"][i] = value(star, P, ref, psi)
+        out["pi_bar"][i] = value(pi_bar(P, ref, psi), P, ref, psi)
+        out["pi_star_marginal"][i] = value(marginalize(star, ref), P, ref, psi)
+        out["pi_ref"][i] = value(ref, P, ref, psi)
+    return out

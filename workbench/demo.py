@@ -41,6 +41,9 @@ class DemoConfig:
     lr: float = opt(3e-4, "peak learning rate")
     beta: float = opt(0.5, "objective beta")
     context_format: str = opt("sep", "how the alternative is shown", choices=["sep", "raw", "template"])
+    max_length: int = opt(96, "maximum tokens of one training sequence (Table 3's MaxLen)")
+    alpha_draft: float | None = opt(0.4, "cap on the context response as a fraction of max_length (null: none)")
+    pretrain_steps: int = opt(300, "steps of pre-training that make the world's pi_ref")
     n_eval: int = opt(300, "samples per prompt when estimating V")
     reflective: bool = opt(True, "also measure pi(.|x, y') with y' from pi_ref (the conditioned class)")
     fast: bool = opt(False, "a small configuration for CI and a first look (under 2 minutes)")
@@ -81,7 +84,7 @@ def seed_interval(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def run_demo(cfg: DemoConfig, log=print) -> dict:
+def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     from inspo_core.config import TrainConfig
@@ -92,8 +95,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     t0 = time.time()
     out = Path(cfg.output_dir)
-    wcfg = TokenWorldConfig(family=cfg.family, n_contexts=cfg.n_contexts, n_items=cfg.n_items, strength=cfg.strength,
-                            seed=cfg.world_seed, pretrain_steps=200 if cfg.fast else 300)
+    wcfg = TokenWorldConfig(**(world_overrides or {}), family=cfg.family, n_contexts=cfg.n_contexts,
+                            n_items=cfg.n_items, strength=cfg.strength,
+                            seed=cfg.world_seed, pretrain_steps=min(cfg.pretrain_steps, 200) if cfg.fast else cfg.pretrain_steps)
     world = TokenWorld(wcfg)
     ref_dir = build_reference(world, cfg.cache_dir, log=log)
     wdir = ref_dir.parent
@@ -111,12 +115,14 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         GradientState._reset_state()
         tcfg = TrainConfig(model=str(ref_dir), data=str(pairs), objective=objective, strategy=strategy, seed=seed,
                            beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
-                           context_format=cfg.context_format, max_length=96, val_size=100, dedup=False,
+                           context_format=cfg.context_format, max_length=cfg.max_length,
+                           alpha_draft=cfg.alpha_draft, val_size=100, dedup=False,
                            eval_every=max(1, cfg.max_steps // 5), log_every=5, output_dir=str(out / name),
                            cache_dir=cfg.cache_dir)
         res = Trainer(tcfg).train()
         ev = world_value(world, res.run_dir / "final", ref_texts, seed=seed, reflective=cfg.reflective,
-                         builder=BuilderConfig(context_format=cfg.context_format, max_length=96))
+                         builder=BuilderConfig(context_format=cfg.context_format, max_length=cfg.max_length,
+                                               alpha_draft=cfg.alpha_draft))
         write_json(res.run_dir / "eval.json", {"judge": "oracle", "world": dataclasses.asdict(wcfg), **ev})
         runs.append({"name": name, "objective": objective, "strategy": strategy, "seed": seed,
                      "run_dir": str(res.run_dir), **{k: v for k, v in ev.items()}})

@@ -45,6 +45,7 @@ class TokenWorldConfig:
     seed: int = 0
     hidden_size: int = 64
     num_layers: int = 2
+    vocab_size: int = 512
     pretrain_samples: int = 4000
     pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
@@ -118,7 +119,7 @@ def build_reference(world: TokenWorld, cache_dir: str | Path, log=print) -> Path
     if (path / "config.json").is_file():
         return path
     log(f"pre-training pi_ref for the {cfg.family} world ({cfg.pretrain_steps} steps) -> {path}")
-    tok = train_tokenizer(world.corpus(), vocab_size=300)
+    tok = train_tokenizer(world.corpus(), vocab_size=cfg.vocab_size)
     model = tiny_llama(len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                        num_heads=max(1, cfg.hidden_size // 16), max_positions=256, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
