@@ -457,7 +457,7 @@ class _progress:
     def update(self, row: dict) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                 pairs_s=f"{row['pairs_per_s']:.1f}")
+                                 pairs_s=f"{row['pairs_per_s']:.1f}", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

@@ -41,3 +41,20 @@ def tiny_model(tokenizer):
     from inspo_core.models import tiny_llama
 
     return tiny_llama(len(tokenizer), seed=0).eval()
+
+
+def wait_for_http(proc, url: str, headers: dict | None = None, timeout: float = 120) -> None:
+    """Poll `url` until it answers; fail with the server's output if the process exits first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")

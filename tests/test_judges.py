@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for_http
 
 from inspo_core.judges import HTTPJudge, JudgeError, LLMJudge, OracleJudge, RewardModelJudge
 from inspo_core.models import tiny_llama, train_tokenizer
@@ -84,16 +85,7 @@ def served(judge_dir):
     proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "--model", str(judge_dir), "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            req = urllib.request.Request(url + "/models", headers={"Authorization": "Bearer sk-test-secret"})
-            urllib.request.urlopen(req, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
-            time.sleep(0.3)
+    wait_for_http(proc, url + "/models", headers={"Authorization": "Bearer sk-test-secret"})
     yield url
     proc.terminate()
     proc.wait(timeout=20)

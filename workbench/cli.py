@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
-from typing import Any, Callable
+from typing import Any
 
-from inspo_core.config import TrainConfig, field_types, load_config
 from apps.config import AppConfig
+from inspo_core.config import TrainConfig, field_types, load_config
 from workbench.bench import BenchConfig
 from workbench.demo import DemoConfig
 from workbench.evaluation import EvalConfig
@@ -37,84 +38,35 @@ def config_from_args(cls, args: argparse.Namespace):
     return load_config(cls, args.config, overrides)
 
 
-def cmd_train(args) -> int:
-    from inspo_core.trainer import train
-
-    cfg = config_from_args(TrainConfig, args)
-    train(cfg)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from workbench.demo import run_demo
-
-    run_demo(config_from_args(DemoConfig, args))
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from workbench.evaluation import run_eval
-
-    run_eval(config_from_args(EvalConfig, args))
-    return 0
-
-
-def cmd_sweep(args) -> int:
-    from workbench.sweep import run_sweep
-
-    run_sweep(config_from_args(SweepConfig, args))
-    return 0
-
-
-def cmd_compare(args) -> int:
-    from workbench.sweep import run_compare
-
-    run_compare(config_from_args(CompareConfig, args))
-    return 0
-
-
-def cmd_serve(args) -> int:
-    from workbench.serve import serve
-
-    serve(config_from_args(ServeConfig, args))
-    return 0
-
-
-def cmd_bench(args) -> int:
-    from workbench.bench import run_bench
-
-    run_bench(config_from_args(BenchConfig, args))
-    return 0
-
-
-def cmd_app(args) -> int:
-    from apps.arena import launch
-
-    launch(config_from_args(AppConfig, args))
-    return 0
-
-
-COMMANDS: dict[str, tuple[str, Any, Callable]] = {
+# name -> (help, config dataclass, "module:function" run with the config; imported only when used)
+COMMANDS: dict[str, tuple[str, Any, str]] = {
     "demo": ("the main job: DPO vs INS-DPO end to end in a synthetic world with an exact oracle (CPU, minutes)",
-             DemoConfig, cmd_demo),
-    "train": ("one training run (also under `accelerate launch -m workbench train ...`)", TrainConfig, cmd_train),
-    "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", EvalConfig, cmd_eval),
-    "sweep": ("a grid of training runs sharing the reference cache", SweepConfig, cmd_sweep),
-    "compare": ("a table and plots over runs", CompareConfig, cmd_compare),
-    "bench": ("the performance benchmark: strategies x packing x reference, side by side", BenchConfig, cmd_bench),
-    "app": ("the Gradio app: arena, batch comparison, training dashboard (127.0.0.1 by default)", AppConfig, cmd_app),
-    "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", ServeConfig, cmd_serve),
+             DemoConfig, "workbench.demo:run_demo"),
+    "train": ("one training run (also under `accelerate launch -m workbench train ...`)", TrainConfig,
+              "inspo_core.trainer:train"),
+    "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", EvalConfig,
+             "workbench.evaluation:run_eval"),
+    "sweep": ("a grid of training runs sharing the reference cache", SweepConfig, "workbench.sweep:run_sweep"),
+    "compare": ("a table and plots over runs", CompareConfig, "workbench.sweep:run_compare"),
+    "bench": ("the performance benchmark: strategies x packing x reference, side by side", BenchConfig,
+              "workbench.bench:run_bench"),
+    "app": ("the Gradio app: arena, batch comparison, training dashboard (127.0.0.1 by default)", AppConfig,
+            "apps.arena:launch"),
+    "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", ServeConfig, "workbench.serve:serve"),
 }
+
+
+def run_command(target: str, cfg) -> None:
+    module, func = target.split(":")
+    getattr(importlib.import_module(module), func)(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench", description="InSPO Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, cls, func) in COMMANDS.items():
+    for name, (help_text, cls, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if cls is not None:
-            add_config_args(p, cls)
-        p.set_defaults(func=func, cls=cls)
+        add_config_args(p, cls)
     return parser
 
 
@@ -124,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     parser = build_parser()
     args = parser.parse_args(argv)
-    func = args.func
-    del args.func, args.cls
+    _, cls, target = COMMANDS[args.command]
     try:
-        return func(args)
+        run_command(target, config_from_args(cls, args))
+        return 0
     except ValueError as e:  # configuration and data problems: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
