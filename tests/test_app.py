@@ -102,16 +102,6 @@ def test_vote_is_logged(page, runs_dir):
     assert rows[-1]["a"] and rows[-1]["b"]
 
 
-def test_bad_path_shows_an_error_and_the_app_keeps_running(page):
-    box = page.get_by_label("Checkpoint A")
-    box.click()
-    box.fill("/etc")
-    box.press("Enter")
-    page.get_by_role("button", name="Compare").click()
-    page.get_by_text("outside the runs directory").first.wait_for(timeout=30_000)
-    assert page.get_by_role("button", name="Compare").is_enabled()
-
-
 def test_dashboard_plots_the_run(page):
     page.get_by_role("tab", name="Dashboard").click()
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
@@ -125,3 +115,14 @@ def test_batch_tab_runs_a_prompt_set(page):
     page.get_by_text("win rate of A").wait_for(timeout=120_000)
     assert "length-controlled" in page.inner_text("body")
     shot(page, "batch")
+
+
+def test_bad_path_shows_an_error_and_the_app_keeps_running(page):
+    page.get_by_role("tab", name="Arena").click()
+    box = page.get_by_label("Checkpoint A").first
+    box.click()
+    box.fill("/etc")
+    box.press("Enter")
+    page.get_by_role("button", name="Compare").click()
+    page.get_by_text("outside the runs directory").first.wait_for(timeout=30_000)
+    assert page.get_by_role("button", name="Compare").is_enabled()

@@ -32,7 +32,7 @@ class DemoConfig:
     n_items: int = opt(6, "items a response can name")
     strength: float = opt(3.0, "sharpness of the preferences")
     world_seed: int = opt(0, "seed of the world (preferences, pi_gen, pi_ref init)")
-    seeds: list = opt([0, 1, 2], "training seeds (pairs are re-sampled per seed)")
+    seeds: list = opt([0, 1, 2, 3, 4], "training seeds (pairs are re-sampled per seed)")
     objectives: list = opt(["dpo"], "objectives to train")
     strategies: list = opt(["none", "symmetric"], "strategies to compare")
     n_pairs: int = opt(2000, "labelled pairs sampled from pi_ref per seed")
