@@ -43,6 +43,15 @@ class Workbench:
         found = {p.parent for p in self.root.rglob("config.json") if (p.parent / "model.safetensors").is_file()}
         return sorted(str(p.relative_to(self.root)) for p in found)
 
+    def default_pair(self) -> tuple[str | None, str | None]:
+        """A: the first run's final model; B: a checkpoint of another run (e.g. the reference)."""
+        ckpts = self.checkpoints()
+        if not ckpts:
+            return None, None
+        a = next((c for c in ckpts if c.endswith("final")), ckpts[0])
+        b = next((c for c in ckpts if Path(c).parts[0] != Path(a).parts[0]), next((c for c in ckpts if c != a), None))
+        return a, b
+
     def runs(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -212,16 +221,16 @@ class Workbench:
 def build_app(cfg: AppConfig) -> gr.Blocks:
     wb = Workbench(cfg)
     ckpts = wb.checkpoints()
+    first, second = wb.default_pair()
     runs = wb.runs()
     with gr.Blocks(title="InSPO Workbench") as app:
         gr.Markdown("# InSPO Workbench\nDPO and INS checkpoints side by side. Answers come from the prompt alone, "
                     "as the models are deployed.")
         with gr.Tab("Arena"):
             with gr.Row():
-                a = gr.Dropdown(ckpts, value=ckpts[0] if ckpts else None, label="Checkpoint A", allow_custom_value=True)
-                b = gr.Dropdown(ckpts, value=ckpts[1] if len(ckpts) > 1 else None, label="Checkpoint B",
-                                allow_custom_value=True)
-            examples = gr.Dropdown(wb.example_prompts(ckpts[0] if ckpts else None), label="Example prompts",
+                a = gr.Dropdown(ckpts, value=first, label="Checkpoint A", allow_custom_value=True)
+                b = gr.Dropdown(ckpts, value=second, label="Checkpoint B", allow_custom_value=True)
+            examples = gr.Dropdown(wb.example_prompts(first), label="Example prompts",
                                    value=None, allow_custom_value=False)
             prompt = gr.Textbox(label="Prompt", lines=3)
             with gr.Accordion("Generation", open=False):
@@ -254,9 +263,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 btn.click(wb.vote, [btn, prompt, out_a, out_b, names, verdict], vote_msg)
         with gr.Tab("Batch"):
             with gr.Row():
-                ba = gr.Dropdown(ckpts, value=ckpts[0] if ckpts else None, label="Checkpoint A", allow_custom_value=True)
-                bb = gr.Dropdown(ckpts, value=ckpts[1] if len(ckpts) > 1 else None, label="Checkpoint B",
-                                 allow_custom_value=True)
+                ba = gr.Dropdown(ckpts, value=first, label="Checkpoint A", allow_custom_value=True)
+                bb = gr.Dropdown(ckpts, value=second, label="Checkpoint B", allow_custom_value=True)
             with gr.Row():
                 bjudge = gr.Dropdown(list(JUDGES), value="oracle", label="Judge")
                 bjudge_model = gr.Textbox(label="Judge model")
