@@ -354,9 +354,8 @@ class Trainer:
             if acc.is_main_process:
                 self.metrics.truncate_after(start)
             self.say(f"resumed from {resume_from} at step {start}")
-        elif acc.is_main_process:
-            for stale in ("metrics.jsonl",):
-                (self.run_dir / stale).unlink(missing_ok=True)
+        elif acc.is_main_process:  # a fresh run does not append to an older run's metrics
+            self.metrics.path.unlink(missing_ok=True)
         if acc.is_main_process:
             write_config(self.run_dir, dataclasses.asdict(cfg) | {"resolved_model": self.model_source})
         if cfg.report_to:
