@@ -58,3 +58,11 @@ def wait_for_http(proc, url: str, headers: dict | None = None, timeout: float = 
                 raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

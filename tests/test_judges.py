@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import wait_for_http
+from conftest import free_port, wait_for_http
 
 from inspo_core.judges import HTTPJudge, JudgeError, LLMJudge, OracleJudge, RewardModelJudge
 from inspo_core.models import tiny_llama, train_tokenizer
@@ -70,12 +69,6 @@ def test_reward_model_judge(tmp_path):
     ra, rb = judge.reward("p", "Take the apple."), judge.reward("p", "The sea.")
     p, _ = judge.compare("p", "Take the apple.", "The sea.")
     assert p == pytest.approx(1 / (1 + torch.exp(torch.tensor(rb - ra)).item()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
