@@ -273,3 +273,17 @@ def test_tree_packing_trains_like_padding(tmp_path, cache_dir):
     assert_close(torch.tensor(losses(b.run_dir)), torch.tensor(losses(a.run_dir)), atol=1e-5, rtol=1e-5)
     assert_close(torch.tensor(losses(b.run_dir, "eval/reflection/gain")),
                  torch.tensor(losses(a.run_dir, "eval/reflection/gain")), atol=1e-4, rtol=1e-5)
+
+
+def test_lora_resume_equals_uninterrupted(tmp_path, cache_dir):
+    import shutil
+
+    full = Trainer(cfg(tmp_path / "a", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2)).train()
+    b = cfg(tmp_path / "b", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2)
+    Trainer(b).train()
+    run_b = Path(b.output_dir)
+    shutil.rmtree(run_b / "checkpoints" / "step-4")  # as if killed after the step-2 checkpoint
+    shutil.rmtree(run_b / "final")
+    Trainer(cfg(tmp_path / "b", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2, resume=True)).train()
+    assert losses(run_b) == losses(full.run_dir)
+    assert (run_b / "checkpoints" / "step-2" / "adapter_config.json").exists()  # checkpoints hold the adapter
