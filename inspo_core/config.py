@@ -91,6 +91,7 @@ class TrainConfig:
     save_every: int = opt(0, "checkpoint every N optimizer steps (0: only the final model)")
     log_every: int = opt(1, "write metrics every N optimizer steps")
     resume: bool = opt(False, "continue from the last checkpoint in output_dir")
+    overwrite: bool = opt(False, "start afresh in an output_dir that holds an earlier run's checkpoints (deletes them)")
     report_to: list = opt([], "extra loggers: tensorboard, wandb (when installed)")
     tiny_hidden: int = opt(64, "model=tiny: hidden size")
     tiny_layers: int = opt(2, "model=tiny: layers")

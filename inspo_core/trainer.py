@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +328,12 @@ class Trainer:
         resume_from = latest_checkpoint(self.run_dir) if cfg.resume else None
         if cfg.resume and resume_from is None:
             self.say(f"resume: no complete checkpoint in {self.run_dir}/checkpoints, starting fresh")
+        if not cfg.resume and latest_checkpoint(self.run_dir) is not None:
+            if not cfg.overwrite:
+                raise ValueError(f"{self.run_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
+                                 "--overwrite to start afresh there (deletes them), or choose another output_dir")
+            if self.acc.is_main_process:
+                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
         self.setup_data()
         self.setup_model()
         self.build_pairs()

@@ -287,3 +287,11 @@ def test_lora_resume_equals_uninterrupted(tmp_path, cache_dir):
     Trainer(cfg(tmp_path / "b", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2, resume=True)).train()
     assert losses(run_b) == losses(full.run_dir)
     assert (run_b / "checkpoints" / "step-2" / "adapter_config.json").exists()  # checkpoints hold the adapter
+
+
+def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, cache_dir):
+    Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1)).train()
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run; pass --resume"):
+        Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1)).train()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1, overwrite=True)).train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-1", "step-2"]
