@@ -187,3 +187,21 @@ def test_http_judge_text_answer_and_server_down(stub, monkeypatch):
     monkeypatch.delenv("INSPO_JUDGE_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="INSPO_JUDGE_BASE_URL"):
         HTTPJudge()
+
+
+def test_eval_command_with_a_local_llm_judge_and_a_prompt_file(judge_dir, tmp_path):
+    """The non-world path of `workbench eval`: prompt file, checkpoint baseline, LLM judge."""
+    from workbench.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a fruit.\nThe sea?\n")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoints", str(judge_dir), "--baseline", str(judge_dir), "--prompts", str(prompts),
+                 "--judge", "llm", "--judge_model", str(judge_dir), "--n_samples", "3", "--max_new_tokens", "4",
+                 "--n_boot", "50", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    res = next(iter(doc["results"].values()))
+    assert doc["judge"] == "llm" and res["n"] == 6
+    # same model, same seed on both sides: identical answers, and both-order judging makes each a tie
+    assert res["win_rate"] == pytest.approx(0.5) and res["ties"] + res["wins"] + res["losses"] == 6
+    assert main(["eval", "--checkpoints", str(tmp_path / "nope")]) == 2  # a clear error, no traceback
