@@ -67,7 +67,7 @@ def test_cli_train_writes_run_directory_and_loadable_model(tmp_path, cache_dir):
     res = run_cli("--config", str(ROOT / "configs" / "tiny.yaml"), "--max_steps", "4", "--save_every", "2",
                   "--eval_every", "2", "--output_dir", str(out), "--cache_dir", cache_dir, "--max_length", "96")
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("config.yaml", "metrics.jsonl", "final/config.json", "final/model.safetensors",
+    for name in ("config.yaml", "metrics.jsonl", "report.html", "final/config.json", "final/model.safetensors",
                  "checkpoints/step-2/trainer_state.json", "checkpoints/step-4/optimizer.pt", "best/config.json"):
         assert (out / name).exists(), name
     import yaml

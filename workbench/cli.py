@@ -43,7 +43,7 @@ COMMANDS: dict[str, tuple[str, Any, str]] = {
     "demo": ("the main job: DPO vs INS-DPO end to end in a synthetic world with an exact oracle (CPU, minutes)",
              DemoConfig, "workbench.demo:run_demo"),
     "train": ("one training run (also under `accelerate launch -m workbench train ...`)", TrainConfig,
-              "inspo_core.trainer:train"),
+              "workbench.train:run_train"),
     "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", EvalConfig,
              "workbench.evaluation:run_eval"),
     "sweep": ("a grid of training runs sharing the reference cache", SweepConfig, "workbench.sweep:run_sweep"),
