@@ -113,27 +113,12 @@ def generate_responses(model_dir: str | Path, prompts: list, n: int, *, temperat
                        trust_remote_code: bool = False) -> list[list[str]]:
     """n sampled responses per prompt (strings or chat message lists) from the prompt alone: the
     deployment setting. Seeded per prompt, so two checkpoints see the same random stream."""
-    import torch
+    from inspo_core.generation import ModelCache, sample_from_ids
 
-    from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
-    from inspo_core.models import load_model, load_tokenizer
-    from inspo_core.strategies import View
-
-    tok = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
-    model = load_model(str(model_dir), dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
-    builder = ConditioningBuilder(tok, BuilderConfig(max_length=10**6), [View("chosen")])
-    out = []
-    with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            ids = torch.tensor([builder.generation_ids(prompt)])
-            torch.manual_seed(seed * 1_000_003 + i)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0,
-                                 temperature=temperature if temperature > 0 else None,
-                                 top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out.append([tok.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen])
-    return out
+    model, tok, builder = ModelCache(size=1, trust_remote_code=trust_remote_code).get(model_dir)
+    return [sample_from_ids(model, tok, builder.generation_ids(prompt), seed=seed * 1_000_003 + i,
+                            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
+            for i, prompt in enumerate(prompts)]
 
 
 def write_json(path: str | Path, doc: dict) -> None:

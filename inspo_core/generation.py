@@ -13,6 +13,23 @@ from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
 from inspo_core.strategies import View
 
 
+def sampling_kwargs(tok, *, temperature: float, top_p: float, max_new_tokens: int, n: int = 1) -> dict:
+    """`generate` arguments for nucleus sampling (temperature 0: greedy), pad and EOS from `tok`."""
+    sample = temperature > 0
+    return dict(do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+                top_k=0 if sample else None, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+
+@torch.no_grad()
+def sample_from_ids(model, tok, ids: list[int], *, seed: int, **sampling) -> list[str]:
+    """Completions of one token sequence (no padding needed), decoded and stripped."""
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **sampling_kwargs(tok, **sampling))
+    return [tok.decode(g[x.shape[1]:], skip_special_tokens=True).strip() for g in out]
+
+
 class ModelCache:
     """Keeps the last `size` (model, tokenizer, builder) triples loaded; thread-safe."""
 
@@ -52,11 +69,9 @@ def stream_generate(model, tok, builder, prompt, *, temperature: float = 0.7, to
 
     ids = torch.tensor([builder.generation_ids(prompt)])
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
-    sample = temperature > 0
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, do_sample=sample,
-                  temperature=temperature if sample else None, top_p=top_p if sample else None,
-                  top_k=0 if sample else None, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id, stopping_criteria=StoppingCriteriaList([_Stop()]))
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                  stopping_criteria=StoppingCriteriaList([_Stop()]),
+                  **sampling_kwargs(tok, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens))
     errors: list[BaseException] = []
 
     def run():

@@ -294,32 +294,35 @@ class Trainer:
             stats["reflection/gain"] = gain
         return {"loss": res.losses.mean(), "stats": stats, "tokens": tokens}
 
-    def reduce_stats(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Means over every example of the global batch (all micro-batches, all processes)."""
+    def reduce_stats(self, parts: list[dict[str, torch.Tensor]], count: int | None = None) -> dict[str, float]:
+        """Means over every example of the global batch (all micro-batches, all processes).
+
+        `count` overrides this process's example count (0 for a process that only joins the reduction)."""
         keys = parts[0].keys()
         sums = torch.stack([torch.stack([p[k].float().sum() for p in parts]).sum() for k in keys])
-        count = torch.tensor(float(sum(len(p["loss"]) for p in parts)), device=sums.device)
+        if count == 0:
+            sums = torch.zeros_like(sums)
+        count = torch.tensor(float(sum(len(p["loss"]) for p in parts) if count is None else count), device=sums.device)
         sums = self.acc.reduce(sums, "sum")
         count = self.acc.reduce(count, "sum")
         return {k: (s / count).item() for k, s in zip(keys, sums)}
 
     @torch.no_grad()
     def evaluate(self, scorer) -> dict[str, float]:
+        """Validation metrics; each process scores its share of the pairs and the sums are reduced."""
         if not self.val_pairs:
             return {}
         model = self.acc.unwrap_model(scorer)
         was = model.training
         model.eval()
-        parts = []
+        mine = list(range(self.acc.process_index, len(self.val_pairs), self.acc.num_processes))
         bs = self.cfg.batch_size
-        for s in range(0, len(self.val_pairs), bs):
-            idx = list(range(s, min(s + bs, len(self.val_pairs))))
-            parts.append(self.loss_terms(model, [self.val_pairs[i] for i in idx], idx, self.eval_views,
-                                         self.ref_val)["stats"])
+        # more processes than pairs: an idle process scores pair 0 with count 0, so the reduction has its shape
+        batches = [mine[s : s + bs] for s in range(0, len(mine), bs)] or [[0]]
+        parts = [self.loss_terms(model, [self.val_pairs[i] for i in idx], idx, self.eval_views, self.ref_val)["stats"]
+                 for idx in batches]
         model.train(was)
-        keys = parts[0].keys()
-        n = sum(len(p["loss"]) for p in parts)
-        return {f"eval/{k}": sum(p[k].float().sum().item() for p in parts) / n for k in keys}
+        return {f"eval/{k}": v for k, v in self.reduce_stats(parts, None if mine else 0).items()}
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:

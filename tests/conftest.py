@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -41,6 +42,27 @@ def tiny_model(tokenizer):
     from inspo_core.models import tiny_llama
 
     return tiny_llama(len(tokenizer), seed=0).eval()
+
+
+@contextlib.contextmanager
+def workbench_server(*args: str, probe: str = "/", env: dict | None = None, headers: dict | None = None):
+    """Run `python -m workbench <args> --port P` on 127.0.0.1; yields http://127.0.0.1:P once `probe` answers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", *args, "--port", str(port)], cwd=root, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(proc, base + probe, headers=headers)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def wait_for_http(proc, url: str, headers: dict | None = None, timeout: float = 120) -> None:

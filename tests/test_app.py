@@ -6,14 +6,11 @@ Set INSPO_SCREENSHOTS=DIR to save a screenshot of each tab (how docs/screenshots
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for_http
+from conftest import workbench_server
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium not installed")
 
@@ -43,15 +40,8 @@ def runs_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url(runs_dir):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", "app", "--runs_dir", str(runs_dir), "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    wait_for_http(proc, url)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with workbench_server("app", "--runs_dir", str(runs_dir), env={"GRADIO_ANALYTICS_ENABLED": "False"}) as base:
+        yield base + "/"
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,18 @@
 """Judges, `workbench serve`, and the HTTP judge against the real server and against failures."""
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, wait_for_http
+from conftest import free_port, workbench_server
 
 from inspo_core.judges import HTTPJudge, JudgeError, LLMJudge, OracleJudge, RewardModelJudge
 from inspo_core.models import tiny_llama, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["Which output is better? Answer with a single letter, a or b.", "Output (a) Output (b) Instruction",
           "Take the apple. Go with the bread. The sea is blue."] * 10
 
@@ -73,15 +68,10 @@ def test_reward_model_judge(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(judge_dir):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "INSPO_SERVE_API_KEY": "sk-test-secret"}
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", "serve", "--model", str(judge_dir), "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    wait_for_http(proc, url + "/models", headers={"Authorization": "Bearer sk-test-secret"})
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    key = {"Authorization": "Bearer sk-test-secret"}
+    with workbench_server("serve", "--model", str(judge_dir), probe="/v1/models", headers=key,
+                          env={"INSPO_SERVE_API_KEY": "sk-test-secret"}) as base:
+        yield base + "/v1"
 
 
 def post(url, payload, key="sk-test-secret"):

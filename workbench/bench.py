@@ -223,8 +223,8 @@ def _memory(cfg: BenchConfig, row: dict, dev) -> float:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-        dev2, policy, ref_model, pairs = dev, *_setup(cfg, live_reference=row["reference"] == "live")[1:]
-        r = Runner(cfg, row["strategy"], row["packing"], row["reference"], policy, ref_model, pairs, dev2)
+        _, policy, ref_model, pairs = _setup(cfg, live_reference=row["reference"] == "live")
+        r = Runner(cfg, row["strategy"], row["packing"], row["reference"], policy, ref_model, pairs, dev)
         torch.cuda.reset_peak_memory_stats(dev)
         for _ in range(2):
             r.step()

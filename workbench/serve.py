@@ -52,6 +52,7 @@ class ServeConfig:
 def build_app(cfg: ServeConfig):
     from fastapi import FastAPI, Header, HTTPException
 
+    from inspo_core.generation import sampling_kwargs
     from inspo_core.models import load_model, load_tokenizer
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -84,15 +85,12 @@ def build_app(cfg: ServeConfig):
             enc = tok(text, return_tensors="pt", add_special_tokens=False)
         else:
             enc = tok("\n".join(m["content"] for m in msgs), return_tensors="pt")
-        sample = req.temperature > 0
+        sampling = sampling_kwargs(tok, temperature=req.temperature, top_p=req.top_p,
+                                   max_new_tokens=min(req.max_tokens, cfg.max_new_tokens), n=req.n)
         with lock, torch.no_grad():
             if req.seed is not None:
                 torch.manual_seed(req.seed)
-            out = model.generate(**enc, do_sample=sample, temperature=req.temperature if sample else None,
-                                 top_p=req.top_p if sample else None, top_k=0 if sample else None,
-                                 max_new_tokens=min(req.max_tokens, cfg.max_new_tokens), num_return_sequences=req.n,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                 output_scores=req.logprobs, return_dict_in_generate=True)
+            out = model.generate(**enc, **sampling, output_scores=req.logprobs, return_dict_in_generate=True)
         start = enc["input_ids"].shape[1]
         choices = []
         for i, seq in enumerate(out.sequences):

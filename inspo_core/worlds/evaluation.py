@@ -16,6 +16,7 @@ import torch
 from inspo_core import theory as th
 from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
 from inspo_core.evaluate import bootstrap_ci
+from inspo_core.generation import sample_from_ids
 from inspo_core.models import load_model, load_tokenizer
 from inspo_core.strategies import View
 from inspo_core.worlds.token import TokenWorld, sample_responses
@@ -70,14 +71,11 @@ def world_value(world: TokenWorld, model_dir: str | Path, ref_texts: list[list[s
                 groups.setdefault(alt, []).append(i)
             row = [""] * len(ref_texts[x])
             for g, (alt, where) in enumerate(groups.items()):
-                ids = torch.tensor([b.generation_ids(p, alt if alt.strip() else None)])
-                torch.manual_seed(seed * 15485863 + x * 1009 + g)
-                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=16,
-                                     num_return_sequences=len(where), pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id)
-                for i, seq in zip(where, gen[:, ids.shape[1]:]):
-                    row[i] = tok.decode(seq, skip_special_tokens=True).strip()
+                got = sample_from_ids(model, tok, b.generation_ids(p, alt if alt.strip() else None),
+                                      seed=seed * 15485863 + x * 1009 + g, temperature=temperature, top_p=top_p,
+                                      max_new_tokens=16, n=len(where))
+                for i, text in zip(where, got):
+                    row[i] = text
             texts.append(row)
         out["reflective"] = _score(world, texts, ref_texts, n_boot, seed)
     return out

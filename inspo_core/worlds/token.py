@@ -163,16 +163,13 @@ def build_reference(world: TokenWorld, cache_dir: str | Path, log=print) -> Path
     return path
 
 
-@torch.no_grad()
 def sample_responses(model, tok, prompt: str, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
                      max_new_tokens: int = 16, seed: int = 0) -> list[str]:
     """n sampled completions of one prompt (a single batch, no padding needed)."""
-    torch.manual_seed(seed)
-    enc = tok(prompt, return_tensors="pt")
-    out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                         max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
-    return [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    from inspo_core.generation import sample_from_ids
+
+    return sample_from_ids(model, tok, tok(prompt)["input_ids"], seed=seed, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, n=n)
 
 
 def sample_pairs(world: TokenWorld, ref_dir: Path, n_pairs: int, out_path: Path, seed: int = 0, log=print) -> Path:
