@@ -19,7 +19,7 @@ import gradio as gr
 from inspo_core.evaluate import Judgement, summarize
 from inspo_core.generation import ModelCache, stream_generate
 from inspo_core.judges import JUDGES, make_judge
-from inspo_core.runlog import MetricsLog
+from inspo_core.rundir import MetricsLog
 from inspo_core.worlds.token import world_of
 
 from apps.config import AppConfig

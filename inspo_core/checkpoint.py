@@ -1,77 +1,167 @@
 """Checkpoints: HF-loadable weights plus the trainer state for exact resume, written atomically.
 
 `checkpoints/step-N/` holds the model (`save_pretrained`, safetensors; LoRA runs hold the adapter),
-the tokenizer, `optimizer.pt`, `scheduler.pt` and `trainer_state.json`. A checkpoint is built in a
+the tokenizer, `optimizer.pt`, `scheduler.pt`, `trainer_state.json` (step, RNG, the run's resolved
+config) and, written last, `manifest.json` (every file and its size). A checkpoint is built in a
 hidden temporary directory and renamed into place, so an interrupted save leaves the previous
-checkpoint as the latest complete one. Sharded runs (FSDP2, ZeRO-3) add `accelerate_state/`
+checkpoint as the latest complete one; `verify_checkpoint` checks a checkpoint against its manifest
+so a damaged one (truncated weights, a missing optimizer state, an empty trainer state) is skipped
+with a reason instead of crashing a resume. Sharded runs (FSDP2, ZeRO-3) add `accelerate_state/`
 written by `Accelerator.save_state`, which every process takes part in.
+
+`final/` and `best/` are written the same way (temporary directory, then rename); a failure raises.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from inspo_core.atomic import atomic_path
+from inspo_core.rundir import RunDir
+
 STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+DIVERGED = "diverged.txt"  # written into checkpoints whose weights led to a non-finite loss
+
+
+class CheckpointError(RuntimeError):
+    pass
 
 
 def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = Path(run_dir) / "checkpoints"
-    if not ckpts.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in ckpts.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
-    return max(found)[1] if found else None
+# ---- verification ----------------------------------------------------------------------------------
+
+def _manifest(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint at `path` is intact, else why it is not."""
+    if (path / DIVERGED).is_file():
+        return f"the run diverged from it ({(path / DIVERGED).read_text().strip()})"
+    man = path / MANIFEST
+    if not man.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        want = json.loads(man.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "manifest.json is unreadable"
+    have = _manifest(path)
+    for name, size in want.items():
+        if name not in have:
+            return f"{name} is missing"
+        if have[name] != size:
+            return f"{name} has {have[name]} bytes, {size} were written"
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} is empty or unreadable"
+    weights = [p for p in ("model.safetensors", "adapter_model.safetensors") if (path / p).is_file()]
+    weights += [p.name for p in path.glob("model-*.safetensors")]
+    if not weights:
+        return "no model weights"
+    return None
+
+
+def intact_checkpoints(run: RunDir, say=print) -> list[tuple[int, Path]]:
+    """(step, path) of the intact checkpoints, oldest first; damaged ones are named with the reason."""
+    out = []
+    for step, path in run.checkpoints():
+        why = verify_checkpoint(path)
+        if why is None:
+            out.append((step, path))
+        else:
+            say(f"skipping damaged checkpoint {path}: {why}")
+    return out
+
+
+def latest_checkpoint(run_dir: str | Path, say=print) -> Path | None:
+    found = intact_checkpoints(RunDir(run_dir), say)
+    return found[-1][1] if found else None
+
+
+def mark_diverged(path: Path, why: str) -> None:
+    (path / DIVERGED).write_text(why + "\n")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def prune_checkpoints(run: RunDir, keep: int) -> list[Path]:
+    """Remove the oldest checkpoints beyond the newest `keep` (0: keep all). Returns what was removed."""
+    if keep <= 0:
+        return []
+    found = run.checkpoints()
+    gone = [p for _, p in found[:-keep]] if len(found) > keep else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+# ---- saving ----------------------------------------------------------------------------------------
+
+def _write_model(lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
+    model = lm
+    if merge_lora and hasattr(lm, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(lm).merge_and_unload()
+    if state is not None:  # keys of the TokenLogps wrapper: "lm.<name>"
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        model.save_pretrained(path, state_dict=state, safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
 
 
 def save_model(accelerator, scorer, lm, tokenizer, path: Path, *, merge_lora: bool = False) -> None:
-    """HF-loadable weights of `lm` (gathered across shards) into `path` (main process writes)."""
+    """HF-loadable weights of `lm` (gathered across shards) into `path`, atomically (main process
+    writes). Raises CheckpointError when the directory cannot be written."""
     state = accelerator.get_state_dict(scorer) if is_sharded(accelerator) else None
     if accelerator.is_main_process:
-        model = lm
-        if merge_lora and hasattr(lm, "merge_and_unload"):
-            import copy
-
-            model = copy.deepcopy(lm).merge_and_unload()
-        if state is not None:  # keys of the TokenLogps wrapper: "lm.<name>"
-            state = {k.removeprefix("lm."): v for k, v in state.items()}
-            model.save_pretrained(path, state_dict=state, safe_serialization=True)
-        else:
-            model.save_pretrained(path, safe_serialization=True)
-        tokenizer.save_pretrained(path)
+        try:
+            with atomic_path(path, directory=True) as tmp:
+                _write_model(lm, tokenizer, tmp, state, merge_lora=merge_lora)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"could not save the model to {path}: {e}") from e
+    accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator, scorer, lm, tokenizer, optimizer, scheduler, run_dir: Path,
+def save_checkpoint(accelerator, scorer, lm, tokenizer, optimizer, scheduler, run: RunDir,
                     step: int, trainer_state: dict[str, Any]) -> Path:
-    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    final = run.checkpoint(step)
     tmp = final.with_name(f".step-{step}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_model(accelerator, scorer, lm, tokenizer, tmp)
+    state = accelerator.get_state_dict(scorer) if is_sharded(accelerator) else None
+    if accelerator.is_main_process:
+        _write_model(lm, tokenizer, tmp, state, merge_lora=False)
     if is_sharded(accelerator):
         accelerator.save_state(str(tmp / "accelerate_state"))
     elif accelerator.is_main_process:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if accelerator.is_main_process:
+        from inspo_core.atomic import fsync_tree, replace
+
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        state = dict(trainer_state, step=step, torch_rng=torch.get_rng_state().tolist())
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        doc = dict(trainer_state, step=step, torch_rng=torch.get_rng_state().tolist())
+        (tmp / STATE_FILE).write_text(json.dumps(doc))
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp)))  # last: its presence means complete
+        fsync_tree(tmp)
+        replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
@@ -83,13 +173,6 @@ def load_trainer_state(accelerator, ckpt: Path, optimizer, scheduler) -> dict[st
     else:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    state = json.loads((ckpt / STATE_FILE).read_text())
+    state = read_state(ckpt)
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     return state
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())

@@ -64,6 +64,7 @@ class Encoded:
     target_ids: dict[str, list[int]]  # the response as scored (ends with EOS / end of turn)
     content_ids: dict[str, list[int]]  # the response text alone, used inside contexts
     ends_with_eos: dict[str, bool]
+    label: str = ""  # how errors name the example: its data file line when known
 
 
 @dataclass
@@ -102,7 +103,7 @@ class TruncationReport:
         return "; ".join(parts)
 
 
-def _message_content(value: Any, index: int, name: str) -> str:
+def _message_content(value: Any, label: str, name: str) -> str:
     """The assistant text of a response field given as a string or a one-message list."""
     if isinstance(value, str):
         return value
@@ -112,12 +113,12 @@ def _message_content(value: Any, index: int, name: str) -> str:
         msg = value[0]
         if msg.get("role", "assistant") != "assistant" or not isinstance(msg.get("content"), str):
             raise ValueError(
-                f"example {index}: field {name!r} must be one assistant message with string content, "
+                f"{label}: field {name!r} must be one assistant message with string content, "
                 f"got role={msg.get('role')!r}"
             )
         return msg["content"]
     raise ValueError(
-        f"example {index}: field {name!r} must be a string or a single assistant message; got "
+        f"{label}: field {name!r} must be a string or a single assistant message; got "
         f"{type(value).__name__}. Whole conversations (UltraFeedback style) are split by "
         "inspo_core.data.normalize_row first."
     )
@@ -158,40 +159,41 @@ class ConditioningBuilder:
 
     # ---- tokenisation -------------------------------------------------------------------------
     def encode(self, example: dict, index: int = 0) -> Encoded:
+        label = str(example.get("_source") or f"example {index}")
         for name in ("prompt", *RESPONSES):
             if name not in example or example[name] is None:
-                raise ValueError(f"example {index}: missing field {name!r}")
+                raise ValueError(f"{label}: missing field {name!r}")
         prompt = example["prompt"]
-        texts = {r: _message_content(example[r], index, r) for r in RESPONSES}
+        texts = {r: _message_content(example[r], label, r) for r in RESPONSES}
         for r, text in texts.items():
             if not text.strip():
-                raise ValueError(f"example {index}: field {r!r} is empty; fix or drop the row")
+                raise ValueError(f"{label}: field {r!r} is empty; fix or drop the row")
         if isinstance(prompt, list):
-            prompt_ids, targets = self._encode_chat(prompt, texts, index)
+            prompt_ids, targets = self._encode_chat(prompt, texts, label)
         elif isinstance(prompt, str):
             prompt_ids = self.tok(prompt, add_special_tokens=True)["input_ids"]
             eos = [self.eos_id] if self.eos_id is not None else []
             targets = {r: self._ids(t) + eos for r, t in texts.items()}
         else:
             raise ValueError(
-                f"example {index}: field 'prompt' must be a string or a list of chat messages, "
+                f"{label}: field 'prompt' must be a string or a list of chat messages, "
                 f"got {type(prompt).__name__}"
             )
         if not prompt_ids:
-            raise ValueError(f"example {index}: field 'prompt' tokenises to nothing")
+            raise ValueError(f"{label}: field 'prompt' tokenises to nothing")
         content = {r: self._ids(t) for r, t in texts.items()}
         ends = {r: bool(targets[r]) and targets[r][-1] == self.eos_id for r in RESPONSES}
-        return Encoded(index, prompt_ids, targets, content, ends)
+        return Encoded(index, prompt_ids, targets, content, ends, label)
 
-    def _encode_chat(self, messages: list, texts: dict[str, str], index: int):
+    def _encode_chat(self, messages: list, texts: dict[str, str], label: str):
         if not getattr(self.tok, "chat_template", None):
             raise ValueError(
-                f"example {index}: conversational data needs a chat template, and this tokenizer "
+                f"{label}: conversational data needs a chat template, and this tokenizer "
                 "has none; set tokenizer.chat_template (or the `chat_template` config key) or give "
                 "the prompt as a plain string"
             )
         if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise ValueError(f"example {index}: field 'prompt' must be a list of {{role, content}} messages")
+            raise ValueError(f"{label}: field 'prompt' must be a list of {{role, content}} messages")
         prompt_text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = self._ids(prompt_text)
         targets = {}
@@ -201,7 +203,7 @@ class ConditioningBuilder:
             )
             if not full.startswith(prompt_text):
                 raise ValueError(
-                    f"example {index}: the chat template renders the prompt differently once an "
+                    f"{label}: the chat template renders the prompt differently once an "
                     "assistant reply follows, so the reply's tokens cannot be isolated; use a "
                     "template whose generation prompt is a prefix of the rendered conversation"
                 )
@@ -228,7 +230,7 @@ class ConditioningBuilder:
         flags: set[str] = set()
         if P + 1 > L:
             raise ValueError(
-                f"example {enc.index}: the prompt has {P} tokens, leaving no room for a response "
+                f"{enc.label}: the prompt has {P} tokens, leaving no room for a response "
                 f"within max_length={L}; raise max_length or drop long prompts (length filter)"
             )
         cap = math.floor(self.cfg.alpha_draft * L) if self.cfg.alpha_draft else None
@@ -242,7 +244,7 @@ class ConditioningBuilder:
             room = L - P - overhead - 1  # the target keeps at least one token
             if room < 0:
                 raise ValueError(
-                    f"example {enc.index}: prompt ({P} tokens) plus the context rendering "
+                    f"{enc.label}: prompt ({P} tokens) plus the context rendering "
                     f"({overhead} tokens) leave no room for the target within max_length={L}; "
                     "raise max_length or use a shorter context_format"
                 )

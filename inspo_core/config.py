@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from inspo_core.conditioning import CONTEXT_FORMATS
-from inspo_core.objectives import OBJECTIVES, resolve_hparams
+from inspo_core.objectives import OBJECTIVES, check_length_normalize, resolve_hparams
+from inspo_core.scoring import PACKINGS
 from inspo_core.strategies import REF_CONDITIONING, STRATEGIES
 
 
@@ -58,7 +59,8 @@ class TrainConfig:
     max_length: int = opt(512, "maximum tokens of one sequence (prompt + context + target)")
     alpha_draft: float | None = opt(0.4, "cap on the context response, as a fraction of max_length (null: none)")
     exclude_eos: bool = opt(False, "leave each target's final EOS out of its log-prob (Appendix C.1)")
-    length_normalize: bool = opt(False, "feed mean instead of summed log-probs to the objective (eq. 12)")
+    length_normalize: bool = opt(False, "feed per-token mean instead of summed log-probs to the objective (eq. 12); "
+                                 "refused for objectives that divide by |y| themselves (orpo, simpo, cpo, slic, rrhf)")
     beta: float | None = opt(None, "objective temperature beta (default: the objective's)")
     tau: float | None = opt(None, "IPO tau")
     alpha: float | None = opt(None, "R-DPO length coefficient alpha")
@@ -82,16 +84,17 @@ class TrainConfig:
     bf16: bool = opt(False, "bf16 autocast (where the hardware supports it)")
     logps_chunk_mb: float = opt(256, "memory budget of one fp32 logits chunk in the log-prob engine")
     packing: str = opt("padded", "padded: one row per view; tree: every view of a pair in one prefix tree",
-                       choices=["padded", "tree"])
+                       choices=list(PACKINGS))
     pack_tokens: int | None = opt(None, "tree packing: tokens per packed row (default: the largest tree)")
     # bookkeeping
     output_dir: str = opt("runs/train", "run directory")
     cache_dir: str = opt(".cache/inspo", "reference log-prob cache and tiny models")
     eval_every: int = opt(0, "evaluate every N optimizer steps (0: only at the end)")
     save_every: int = opt(0, "checkpoint every N optimizer steps (0: only the final model)")
+    save_total_limit: int = opt(0, "keep only the newest N checkpoints (0: keep all)")
     log_every: int = opt(1, "write metrics every N optimizer steps")
     resume: bool = opt(False, "continue from the last checkpoint in output_dir")
-    overwrite: bool = opt(False, "start afresh in an output_dir that holds an earlier run's checkpoints (deletes them)")
+    overwrite: bool = opt(False, "start afresh in an output_dir that holds an earlier run's artifacts (deletes them)")
     report_to: list = opt([], "extra loggers: tensorboard, wandb (when installed)")
     tiny_hidden: int = opt(64, "model=tiny: hidden size")
     tiny_layers: int = opt(2, "model=tiny: layers")
@@ -112,12 +115,21 @@ class TrainConfig:
         choice("strategy", list(STRATEGIES))
         choice("ref_conditioning", list(REF_CONDITIONING))
         choice("context_format", list(CONTEXT_FORMATS))
-        choice("packing", ["padded", "tree"])
+        choice("packing", list(PACKINGS))
         if self.objective in OBJECTIVES:
             try:
                 resolve_hparams(self.objective, self.objective_hparams())
+                check_length_normalize(self.objective, self.length_normalize)
             except ValueError as e:
                 problems.append(str(e))
+        if self.lora and self.ref_model not in (None, self.model):
+            problems.append(f"ref_model={self.ref_model!r} with lora={self.lora}: a LoRA run's reference is its base "
+                            "model with the adapters disabled; unset ref_model, or fine-tune fully (lora 0)")
+        for name in ("save_every", "save_total_limit", "eval_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        if self.log_every < 1:
+            problems.append(f"log_every={self.log_every} must be >= 1")
         for name in ("batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -172,9 +184,22 @@ def optional_fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if type(None) in typing.get_args(_resolve(f.type))}
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+
 def coerce(cls, key: str, value: Any) -> Any:
-    """A YAML or CLI value converted to the field's type; 'null'/'none' give None where allowed."""
+    """A YAML or CLI value converted to the field's type; 'null'/'none' give None where allowed.
+    A value of the wrong type (batch_size: 2.5, lr: [1, 2]) raises ValueError naming the key."""
     tp = field_types(cls)[key]
+
+    def wrong():
+        return ValueError(f"{key}: expected {_TYPE_WORDS.get(tp, tp.__name__)}, got {value!r}")
+
+    if value is None:
+        if key in optional_fields(cls):
+            return None
+        raise wrong()
     if isinstance(value, str):
         if value.lower() in ("null", "none", "~") and key in optional_fields(cls):
             return None
@@ -183,16 +208,36 @@ def coerce(cls, key: str, value: Any) -> Any:
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"{key}: expected true/false, got {value!r}")
+            raise wrong()
         if tp is list:
             return [v for v in value.split(",") if v]
         if tp in (int, float):
             try:
-                return tp(float(value)) if tp is int and float(value).is_integer() else tp(value)
+                num = float(value)
             except ValueError:
-                raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}") from None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+                raise wrong() from None
+            if tp is int:
+                if not num.is_integer():
+                    raise wrong()
+                return int(num)
+            return num
+        if tp is str:
+            return value
+        raise wrong()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            raise wrong()
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong()
         return float(value)
+    if tp in (str, list, dict) and not isinstance(value, tp):
+        raise wrong()
     return value
 
 
@@ -215,7 +260,16 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             f"unknown {cls.__name__} key(s) {unknown}" + (f" in {path}" if path else "")
             + f"; valid keys: {', '.join(sorted(known))}"
         )
-    return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+    coerced, problems = {}, []
+    for k, v in values.items():
+        try:
+            coerced[k] = coerce(cls, k, v)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError(f"invalid {cls.__name__}" + (f" in {path}" if path else "") + ":\n  - "
+                         + "\n  - ".join(problems))
+    return cls(**coerced)
 
 
 def to_yaml_dict(cfg) -> dict[str, Any]:

@@ -39,79 +39,112 @@ class DataReport:
         return "; ".join(parts)
 
 
-def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+class LoadedRows(list):
+    """Rows as loaded, with where each came from (`locations[i]`: "file.jsonl line 7", 1-based), so
+    an error names the line a user can open, not a position after filtering or splitting."""
+
+    def __init__(self, rows, locations: list[str]):
+        super().__init__(rows)
+        self.locations = locations
+
+
+def load_rows(source: str, split: str = "train") -> LoadedRows:
     """Rows of a local json/jsonl/parquet file or a Hugging Face dataset `split`."""
     path = Path(source)
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise ValueError(f"data file {source!r} not found")
-        if path.suffix == ".jsonl":  # read directly: keeps row numbers exact and nested fields as-is
-            rows = []
-            for i, line in enumerate(path.read_text().splitlines()):
+        if path.suffix == ".jsonl":  # read directly: keeps line numbers exact and nested fields as-is
+            rows, where = [], []
+            for i, raw in enumerate(path.read_bytes().splitlines()):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{source}: line {i + 1} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                     "re-encode the file as UTF-8") from None
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{source}: line {i + 1} is not valid JSON ({e})") from None
-            return rows
-        from datasets import load_dataset
+                    where.append(f"{source} line {i + 1}")
+            out = LoadedRows(rows, where)
+        else:
+            from datasets import load_dataset
 
-        return list(load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train"))
+            try:
+                rows = list(load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{source}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            except Exception as e:  # datasets wraps parse errors in its own types
+                raise ValueError(f"{source}: could not be read as {LOCAL_FORMATS[path.suffix]} ({e})") from None
+            out = LoadedRows(rows, [f"{source} row {i + 1}" for i in range(len(rows))])
+        if not out:
+            raise ValueError(f"data file {source!r} holds no rows")
+        return out
     if path.exists():
         raise ValueError(f"data {source!r}: unsupported file type; use .json, .jsonl or .parquet")
     from datasets import load_dataset
 
-    return list(load_dataset(source, split=split))
+    rows = list(load_dataset(source, split=split))
+    if not rows:
+        raise ValueError(f"dataset {source!r} split {split!r} holds no rows")
+    return LoadedRows(rows, [f"{source}[{split}] row {i}" for i in range(len(rows))])
 
 
 def _is_messages(v) -> bool:
     return isinstance(v, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in v)
 
 
-def normalize_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+def normalize_row(row: dict[str, Any], index: int | str) -> dict[str, Any]:
     """One row in any accepted format -> {prompt, chosen, rejected[, score_chosen, score_rejected]}.
 
     `prompt` stays a string or becomes a message list; `chosen` / `rejected` become strings.
+    `index` names the row in errors: a position, or a location such as "data.jsonl line 7".
     """
+    return _normalize(row, f"row {index}" if isinstance(index, int) else index)
+
+
+def _normalize(row: dict[str, Any], index: str) -> dict[str, Any]:
     if not isinstance(row, dict):
-        raise ValueError(f"row {index}: expected an object with prompt/chosen/rejected, got {type(row).__name__}")
+        raise ValueError(f"{index}: expected an object with prompt/chosen/rejected, got {type(row).__name__}")
     for name in ("chosen", "rejected"):
         if row.get(name) is None:
-            raise ValueError(f"row {index}: missing field {name!r}")
+            raise ValueError(f"{index}: missing field {name!r}")
     out: dict[str, Any] = {k: row[k] for k in ("score_chosen", "score_rejected") if k in row}
     chosen, rejected = row["chosen"], row["rejected"]
     if _is_messages(chosen) and len(chosen) > 1:  # whole conversations (UltraFeedback-binarized)
         if not _is_messages(rejected) or len(rejected) < 2:
-            raise ValueError(f"row {index}: field 'rejected' must be a conversation like 'chosen'")
+            raise ValueError(f"{index}: field 'rejected' must be a conversation like 'chosen'")
         if chosen[:-1] != rejected[:-1]:
-            raise ValueError(f"row {index}: 'chosen' and 'rejected' conversations differ before the last reply")
+            raise ValueError(f"{index}: 'chosen' and 'rejected' conversations differ before the last reply")
         for name, conv in (("chosen", chosen), ("rejected", rejected)):
             if conv[-1]["role"] != "assistant":
-                raise ValueError(f"row {index}: field {name!r} must end with an assistant message")
+                raise ValueError(f"{index}: field {name!r} must end with an assistant message")
         out["prompt"] = [dict(role=m["role"], content=m["content"]) for m in chosen[:-1]]
         out["chosen"], out["rejected"] = chosen[-1]["content"], rejected[-1]["content"]
     else:
         if "prompt" not in row or row["prompt"] is None:
-            raise ValueError(f"row {index}: missing field 'prompt'")
+            raise ValueError(f"{index}: missing field 'prompt'")
         prompt = row["prompt"]
         if not (isinstance(prompt, str) or _is_messages(prompt)):
-            raise ValueError(f"row {index}: field 'prompt' must be a string or a list of {{role, content}} messages")
+            raise ValueError(f"{index}: field 'prompt' must be a string or a list of {{role, content}} messages")
         out["prompt"] = prompt
         for name, v in (("chosen", chosen), ("rejected", rejected)):
             if isinstance(v, dict):
                 v = [v]
             if _is_messages(v):
                 if len(v) != 1 or v[0]["role"] != "assistant":
-                    raise ValueError(f"row {index}: field {name!r} must be one assistant message")
+                    raise ValueError(f"{index}: field {name!r} must be one assistant message")
                 v = v[0]["content"]
             if not isinstance(v, str):
-                raise ValueError(f"row {index}: field {name!r} must be a string, got {type(v).__name__}")
+                raise ValueError(f"{index}: field {name!r} must be a string, got {type(v).__name__}")
             out[name] = v
     for name in ("chosen", "rejected"):
         if not isinstance(out[name], str) or not out[name].strip():
-            raise ValueError(f"row {index}: field {name!r} is empty")
+            raise ValueError(f"{index}: field {name!r} is empty")
     if isinstance(out["prompt"], str) and not out["prompt"].strip():
-        raise ValueError(f"row {index}: field 'prompt' is empty")
+        raise ValueError(f"{index}: field 'prompt' is empty")
     return out
 
 
@@ -130,9 +163,13 @@ def prepare_rows(
     report = DataReport(rows_read=len(rows))
     seen: set[str] = set()
     out = []
+    locations = getattr(rows, "locations", None)
     for i, row in enumerate(rows):
+        where = row.get("_source") if isinstance(row, dict) and "_source" in row else (
+            locations[i] if locations else i)
         try:
-            ex = normalize_row(row, i)
+            ex = normalize_row(row, where)
+            ex["_source"] = where if isinstance(where, str) else f"row {where}"  # for later errors (the builder's)
         except ValueError as e:
             if not skip_bad_rows:
                 raise ValueError(f"{e} (pass skip_bad_rows to skip and count such rows)") from None
@@ -150,7 +187,7 @@ def prepare_rows(
             seen.add(key)
         if min_margin is not None:
             if "score_chosen" not in ex or "score_rejected" not in ex:
-                raise ValueError(f"row {i}: min_margin needs score_chosen and score_rejected")
+                raise ValueError(f"{ex['_source']}: min_margin needs score_chosen and score_rejected")
             if ex["score_chosen"] - ex["score_rejected"] < min_margin:
                 report.dropped["margin below min_margin"] += 1
                 continue

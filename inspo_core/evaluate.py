@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from inspo_core.runlog import atomic_write_text
+from inspo_core.atomic import atomic_write_text
 
 
 def win_rate(probs: Sequence[float]) -> float:

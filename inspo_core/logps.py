@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from inspo_core.conditioning import ViewBatch
-from inspo_core.strategies import View
 
 Tensor = torch.Tensor
 DEFAULT_CHUNK_MB = 256
@@ -133,12 +131,3 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, target_mask
     total = torch.zeros(R, dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
     count = target_mask.sum(1)
     return SequenceLogps(total, count)
-
-
-def view_logps(model, batch: ViewBatch, **kw) -> dict[View, Tensor]:
-    """{view: [B] summed target log-probs} for a `ViewBatch`, in one forward over all its rows."""
-    dev = next(model.parameters()).device
-    out = sequence_logps(
-        model, batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.target_mask.to(dev), **kw
-    )
-    return batch.split(out.sum)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from inspo_core.atomic import atomic_path
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
@@ -78,10 +78,21 @@ def tiny_llama(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, num_
         return LlamaForCausalLM(cfg)
 
 
+def _load_error(what: str, name: str, e: Exception) -> ValueError:
+    local = Path(name).exists()
+    hint = ("the directory must hold what save_pretrained writes" if local else
+            "a hub name needs network access (HF_HUB_OFFLINE is set here?) or the files in the local hub cache")
+    return ValueError(f"could not load the {what} {name!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]} "
+                      f"({hint})")
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise _load_error("tokenizer", name_or_path, e) from None
     if chat_template:
         tok.chat_template = chat_template
     if tok.pad_token is None:  # padding never decides attention here, so EOS is a safe pad
@@ -95,9 +106,12 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str = "auto", trust_re
     from transformers import AutoModelForCausalLM
 
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
+        )
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise _load_error("model", name_or_path, e) from None
 
 
 def build_tiny(cache_dir: str | Path, texts: list[str], *, vocab_size: int = 512, hidden_size: int = 64,
@@ -114,12 +128,7 @@ def build_tiny(cache_dir: str | Path, texts: list[str], *, vocab_size: int = 512
     tok = train_tokenizer(texts, vocab_size=vocab_size)
     model = tiny_llama(len(tok), hidden_size=hidden_size, num_layers=num_layers,
                        num_heads=max(1, hidden_size // 16), max_positions=max_positions, seed=seed)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(path, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return path

@@ -38,6 +38,14 @@ class Objective:
     hparams: dict[str, float]  # name -> default
     summary: str
     citation: str
+    needs_lengths: bool = False  # uses the target token counts (|y|)
+    # normalises by |y| itself (a per-token term or margin): `length_normalize` is refused for it,
+    # since dividing again would normalise twice
+    normalizes_itself: bool = False
+
+    @property
+    def accepts_length_normalize(self) -> bool:
+        return not self.normalizes_itself
 
 
 def _ratio_margin(c, r, rc, rr):
@@ -132,18 +140,23 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("ipo", _ipo, True, {"beta": 0.1, "tau": 0.1},
                   "IPO: squared distance of the log-ratio margin to 1/(2 tau)", "Azar et al. 2024; Table 1"),
         Objective("rdpo", _rdpo, True, {"beta": 0.1, "alpha": 0.1},
-                  "R-DPO: DPO with a length term alpha (|y_w| - |y_l|)", "Park et al. 2024; Table 1"),
+                  "R-DPO: DPO with a length term alpha (|y_w| - |y_l|)", "Park et al. 2024; Table 1",
+                  needs_lengths=True),
         Objective("orpo", _orpo, False, {"beta": 0.1, "lam": 0.1},
-                  "ORPO: NLL plus lam times the odds-ratio loss (reference-free)", "Hong et al. 2024; Table 1"),
+                  "ORPO: NLL plus lam times the odds-ratio loss (reference-free)", "Hong et al. 2024; Table 1",
+                  needs_lengths=True, normalizes_itself=True),
         Objective("simpo", _simpo, False, {"beta": 2.0, "gamma": 1.0},
                   "SimPO: length-normalised margin with target margin gamma (reference-free)",
-                  "Meng et al. 2024; Table 1"),
+                  "Meng et al. 2024; Table 1", needs_lengths=True, normalizes_itself=True),
         Objective("cpo", _cpo, False, {"beta": 0.1, "lam": 0.1},
-                  "CPO: reference-free DPO margin plus lam times NLL", "Xu et al. 2024a"),
+                  "CPO: reference-free DPO margin plus lam times NLL", "Xu et al. 2024a",
+                  needs_lengths=True, normalizes_itself=True),
         Objective("slic", _slic, False, {"beta": 0.1, "gamma": 1.0, "lam": 0.1},
-                  "SLiC-HF: calibration hinge with margin gamma plus lam times NLL", "Zhao et al. 2023"),
+                  "SLiC-HF: calibration hinge with margin gamma plus lam times NLL", "Zhao et al. 2023",
+                  needs_lengths=True, normalizes_itself=True),
         Objective("rrhf", _rrhf, False, {"beta": 0.1, "lam": 1.0},
-                  "RRHF: ranking hinge on mean log-probs plus lam times NLL", "Yuan et al. 2023"),
+                  "RRHF: ranking hinge on mean log-probs plus lam times NLL", "Yuan et al. 2023",
+                  needs_lengths=True, normalizes_itself=True),
         Objective("hinge", _hinge, True, {"beta": 0.1},
                   "hinge on the DPO margin, max(0, 1 - beta * margin)", "Liu et al. 2024 (RSO)"),
         Objective("robust", _robust, True, {"beta": 0.1, "label_smoothing": 0.1},
@@ -192,24 +205,50 @@ def preference_loss(
     ref_rejected_logps: Tensor | None = None,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    length_normalize: bool = False,
     **hparams: float,
 ) -> LossOutput:
-    """Per-example loss of objective `name`. All tensors [B]; lengths are target token counts.
+    """Per-example loss of objective `name`. All tensors [B]: *summed* target log-probs, and target
+    token counts as lengths.
 
-    Reference-free objectives ignore the reference inputs (they may be None). Objectives that
-    length-normalise need the lengths.
+    `length_normalize` feeds per-token mean log-probs (policy and reference, eq. 12/13) to an
+    objective whose formula is on sums (dpo, ipo, rdpo, hinge, robust). Objectives that normalise
+    by |y| themselves refuse it, so nothing is ever divided twice. Reference-free objectives
+    ignore the reference inputs (they may be None).
     """
     obj = get_objective(name)
     hp = resolve_hparams(name, hparams)
+    check_length_normalize(name, length_normalize)
     if obj.needs_reference:
         if ref_chosen_logps is None or ref_rejected_logps is None:
             raise ValueError(f"objective {name!r} needs ref_chosen_logps and ref_rejected_logps")
     else:
-        ref_chosen_logps = ref_rejected_logps = torch.zeros_like(chosen_logps)
+        ref_chosen_logps = ref_rejected_logps = None
     if chosen_lengths is None or rejected_lengths is None:
-        if name in ("rdpo", "orpo", "simpo", "cpo", "slic", "rrhf"):
+        if obj.needs_lengths or length_normalize:
             raise ValueError(f"objective {name!r} needs chosen_lengths and rejected_lengths")
         chosen_lengths = rejected_lengths = torch.ones_like(chosen_logps)
-    lc = chosen_lengths.to(chosen_logps.dtype)
-    lr = rejected_lengths.to(chosen_logps.dtype)
-    return obj.fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, lc, lr, **hp)
+    return apply_objective(obj, hp, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                           chosen_lengths, rejected_lengths, length_normalize=length_normalize)
+
+
+def apply_objective(obj: Objective, hp: dict[str, float], c: Tensor, r: Tensor, rc: Tensor | None,
+                    rr: Tensor | None, lc: Tensor, lr: Tensor, *, length_normalize: bool = False) -> LossOutput:
+    """`obj` on already validated inputs (see `preference_loss`): no name lookups, for hot loops.
+    A None reference (reference-free objectives) is zeros."""
+    if rc is None or rr is None:
+        rc = rr = torch.zeros_like(c)
+    lc, lr = lc.to(c.dtype), lr.to(c.dtype)
+    if length_normalize:  # eq. 13: (1/|y|) log pi(y|.)
+        c, r, rc, rr = c / lc, r / lr, rc / lc, rr / lr
+    return obj.fn(c, r, rc, rr, lc, lr, **hp)
+
+
+def check_length_normalize(name: str, length_normalize: bool) -> None:
+    obj = get_objective(name)
+    if length_normalize and not obj.accepts_length_normalize:
+        ok = ", ".join(n for n, o in OBJECTIVES.items() if o.accepts_length_normalize)
+        raise ValueError(
+            f"length_normalize=true with objective {name!r}: {name} already divides by |y| in its own "
+            f"formula, so the flag would normalise twice; drop it (it applies to: {ok})"
+        )

@@ -105,7 +105,9 @@ def pack_pairs(pairs: list[BuiltPair], views: list[View], *, pad_id: int = 0, ro
     for r, members in enumerate(rows):
         at = 0
         for i in members:
-            starts, ends, pos_end = [], [], []
+            # per segment: first column, end column, position after it, and the last real column on
+            # its root path (an empty segment, e.g. a raw context cut to nothing, has none of its own)
+            starts, ends, pos_end, last_col = [], [], [], []
             for s in trees[i]:
                 a, b = at, at + len(s.tokens)
                 p0 = 0 if s.parent is None else pos_end[s.parent]
@@ -121,34 +123,21 @@ def pack_pairs(pairs: list[BuiltPair], views: list[View], *, pad_id: int = 0, ro
                     seqs.append((i, s.view))
                     for t in range(s.n_scored):
                         pr.append(r)
-                        pc.append(a + t - 1 if t > 0 else ends[s.parent] - 1)  # the previous token on the path
+                        pc.append(a + t - 1 if t > 0 else last_col[s.parent])  # the previous token on the path
                         pt.append(s.tokens[t])
                         ps.append(k)
                 starts.append(a)
                 ends.append(b)
                 pos_end.append(p0 + len(s.tokens))
+                last_col.append(b - 1 if b > a else (last_col[s.parent] if s.parent is not None else -1))
                 at = b
+        # padding after the last tree attends to itself only: a query with every key masked gives
+        # NaN in some SDPA kernels (CUDA memory-efficient), which would poison the gradients
+        pad = torch.arange(at, N)
+        allowed[r, pad, pad] = True
     mask = torch.zeros((R, 1, N, N), dtype=dtype).masked_fill_(~allowed[:, None], float("-inf"))
     lengths = {r: torch.tensor([p.loss_lengths[r] for p in pairs], dtype=torch.long)
                for r in ("chosen", "rejected") if all(r in p.loss_lengths for p in pairs)}
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return PackedBatch(input_ids, position_ids, mask, as_long(pr), as_long(pc), as_long(pt), as_long(ps), seqs,
                        lengths, sum(sizes))
-
-
-def packed_view_logps(scorer, batch: PackedBatch, views: list[View], num_pairs: int) -> dict[View, Tensor]:
-    """{view: [B] summed log-probs} from one forward over the packed rows."""
-    from inspo_core.logps import as_scorer
-
-    dev = batch.input_ids.device
-    per_token = as_scorer(scorer)(batch.input_ids, batch.attention_mask, batch.pred_rows, batch.pred_cols,
-                                  position_ids=batch.position_ids, targets=batch.pred_targets)
-    per_seq = torch.zeros(len(batch.seqs), dtype=per_token.dtype, device=dev).index_add(0, batch.pred_seq, per_token)
-    return batch.split(per_seq, views, num_pairs)
-
-
-def to_device(batch: PackedBatch, device, dtype=None) -> PackedBatch:
-    f = lambda t: t.to(device)  # noqa: E731
-    mask = batch.attention_mask.to(device, dtype=dtype or batch.attention_mask.dtype)
-    return PackedBatch(f(batch.input_ids), f(batch.position_ids), mask, f(batch.pred_rows), f(batch.pred_cols),
-                       f(batch.pred_targets), f(batch.pred_seq), batch.seqs, batch.lengths, batch.tokens)

@@ -1,26 +1,35 @@
 """Reference log-probs computed once and reused across runs and sweeps.
 
-The key hashes the reference model's identity and the exact token sequences scored (so the data,
-the builder settings and the views are all covered), and the compute dtype. Values are [N] fp32
-tensors per reference view in pair order, stored as safetensors, written atomically.
+The key hashes the reference model's identity, the exact token sequences scored (so the data,
+the builder settings and the views are all covered) and the compute dtype. The identity of a model
+is its `config.json` plus the full content of every weight file (a hub model is first resolved to
+its downloaded snapshot, i.e. its commit), never a name or a sample of the bytes: a reference whose
+middle weights changed, or whose config changed with the same weights, misses. Full-file hashes are
+memoised by (path, size, mtime, inode), so a 15 GB checkpoint is read once, not on every run.
+
+Values are [N] fp32 tensors per reference view in pair order, stored as safetensors with a checksum
+of the values in the header; a damaged file (truncated, or values changed) is reported and
+recomputed, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from inspo_core.conditioning import BuiltPair, collate_views
-from inspo_core.logps import view_logps
+from inspo_core.atomic import atomic_path, atomic_write_text
+from inspo_core.conditioning import BuiltPair
 from inspo_core.strategies import View
 
-SMALL_MODEL_PARAMS = 50_000_000  # below this the fingerprint hashes every weight
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# config.json keys that do not change what the model computes
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
 
 
 @dataclass
@@ -28,41 +37,62 @@ class RefStats:
     forwards: int = 0  # reference forward passes run (0 when served from the cache)
     cache_hit: bool = False
     path: str = ""
+    note: str = ""  # why a cache file was not used, when it existed
 
 
-def files_fingerprint(path: str | Path) -> str:
-    """Identity of a saved model from its weight files: names, sizes, first and last MiB."""
+# ---- model identity --------------------------------------------------------------------------------
+
+def local_model_dir(name_or_path: str) -> Path:
+    """The directory holding a model's files: the path itself, or for a hub name its downloaded
+    snapshot (`<hf cache>/models--org--name/snapshots/<commit>`), which names the commit."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(name_or_path, "config.json")
+    except OSError as e:
+        raise ValueError(f"cannot resolve {name_or_path!r} to local files to fingerprint it: {e}") from None
+    return Path(config).parent
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """sha256 of a file's bytes, memoised under `memo_dir` by (real path, size, mtime, inode)."""
+    real = path.resolve()
+    st = real.stat()
+    memo_key = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
+    memo = memo_dir / f"{memo_key}.sha256" if memo_dir is not None else None
+    if memo is not None and memo.is_file():
+        return memo.read_text().strip()
     h = hashlib.sha256()
-    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None:
+        atomic_write_text(memo, digest)
+    return digest
+
+
+def model_fingerprint(name_or_path: str, memo_dir: str | Path | None = None) -> str:
+    """Identity of a saved model: its config (volatile keys left out) and every weight file's full
+    content. A hub name is resolved to its snapshot first, so the commit is covered."""
+    d = local_model_dir(name_or_path)
+    files = sorted({f for pat in WEIGHT_PATTERNS for f in d.glob(pat)})
     if not files:
-        raise ValueError(f"no weight files (*.safetensors, *.bin) in {path}")
+        raise ValueError(f"no weight files ({', '.join(WEIGHT_PATTERNS)}) in {d}")
+    h = hashlib.sha256()
+    conf = d / "config.json"
+    if conf.is_file():
+        doc = json.loads(conf.read_text())
+        for k in VOLATILE_CONFIG_KEYS:
+            doc.pop(k, None)
+        h.update(json.dumps(doc, sort_keys=True).encode())
+    memo = Path(memo_dir) if memo_dir is not None else None
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(2**20))
-            fh.seek(max(0, size - 2**20))
-            h.update(fh.read(2**20))
-    return h.hexdigest()[:24]
-
-
-def model_fingerprint(lm: torch.nn.Module) -> str:
-    """Identity of a model's weights: a hash of every parameter for small models, otherwise of its
-    source (a local directory's weight files, or the hub id and commit)."""
-    params = list(lm.state_dict().items())
-    if sum(t.numel() for _, t in params) <= SMALL_MODEL_PARAMS:
-        h = hashlib.sha256()
-        for name, t in params:
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()[:24]
-    cfg = getattr(lm, "config", None)
-    src = str(getattr(cfg, "_name_or_path", "") or "")
-    if Path(src).is_dir():
-        return files_fingerprint(src)
-    if not src:
-        raise ValueError("cannot fingerprint a large in-memory model without a source path; save it first")
-    return f"{src}@{getattr(cfg, '_commit_hash', None) or 'unknown-revision'}"
+        h.update(f"{f.name}:{file_sha256(f, memo)}".encode())
+    return h.hexdigest()[:32]
 
 
 def sequences_fingerprint(pairs: list[BuiltPair], views: list[View]) -> str:
@@ -74,29 +104,23 @@ def sequences_fingerprint(pairs: list[BuiltPair], views: list[View]) -> str:
     return h.hexdigest()[:24]
 
 
+# ---- computing -------------------------------------------------------------------------------------
+
 def compute_ref_logps(
     model, pairs: list[BuiltPair], views: list[View], *, batch_size: int = 8, pad_id: int = 0, chunk_mb: float = 256,
-    packing: str = "padded",
+    packing: str = "padded", mask_dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[View, torch.Tensor], int]:
-    """({view: [N] fp32}, number of forward passes) with gradients off and the model in eval mode.
-
-    With packing="tree" each pair's reference views share one prefix tree ([x | y_l | y_w])."""
-    from inspo_core.logps import TokenLogps
-    from inspo_core.packing import pack_pairs, packed_view_logps, to_device
+    """({view: [N] fp32}, number of forward passes) with gradients off and the model in eval mode."""
+    from inspo_core.scoring import score_views
 
     was_training = model.training
     model.eval()
     out: dict[View, list[torch.Tensor]] = {v: [] for v in views}
     forwards = 0
     with torch.no_grad():
-        dev = next(model.parameters()).device
         for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s : s + batch_size]
-            if packing == "tree":
-                got = packed_view_logps(TokenLogps(model, chunk_mb=chunk_mb), to_device(pack_pairs(chunk, views, pad_id=pad_id), dev),
-                                        views, len(chunk))
-            else:
-                got = view_logps(model, collate_views(chunk, views, pad_id), chunk_mb=chunk_mb)
+            got = score_views(model, pairs[s : s + batch_size], views, packing=packing, pad_id=pad_id,
+                              chunk_mb=chunk_mb, mask_dtype=mask_dtype).logps
             for v, t in got.items():
                 out[v].append(t.float().cpu())
             forwards += 1
@@ -104,24 +128,54 @@ def compute_ref_logps(
     return {v: torch.cat(ts) if ts else torch.zeros(0) for v, ts in out.items()}, forwards
 
 
+# ---- the cache -------------------------------------------------------------------------------------
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class RefCache:
     def __init__(self, cache_dir: str | Path):
-        self.dir = Path(cache_dir) / "refcache"
+        self.root = Path(cache_dir)
+        self.dir = self.root / "refcache"
+
+    def model_id(self, name_or_path: str) -> str:
+        return model_fingerprint(name_or_path, memo_dir=self.root / "file-hashes")
 
     def key(self, model_id: str, pairs: list[BuiltPair], views: list[View], dtype: str) -> str:
         h = hashlib.sha256(json.dumps([model_id, sequences_fingerprint(pairs, views), dtype]).encode())
         return h.hexdigest()[:32]
 
+    def load(self, key: str, views: list[View]) -> tuple[dict[View, torch.Tensor] | None, str]:
+        """(tensors, "") from an intact cache file, else (None, why it was not usable)."""
+        path = self.dir / f"{key}.safetensors"
+        if not path.is_file():
+            return None, ""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                stored = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # truncated or not a safetensors file at all
+            return None, f"cache file {path} is damaged ({type(e).__name__}: {e}); recomputing"
+        if meta.get("sha256") != _checksum(stored):
+            return None, f"cache file {path} fails its checksum (values changed on disk); recomputing"
+        missing = [v.key for v in views if v.key not in stored]
+        if missing:
+            return None, f"cache file {path} lacks views {missing}; recomputing"
+        return {v: stored[v.key] for v in views}, ""
+
     def get_or_compute(self, key: str, views: list[View], compute) -> tuple[dict[View, torch.Tensor], RefStats]:
         """Cached tensors for `key`, or `compute() -> (tensors, forwards)` stored under it."""
         path = self.dir / f"{key}.safetensors"
-        if path.is_file():
-            stored = load_file(str(path))
-            if all(v.key in stored for v in views):
-                return {v: stored[v.key] for v in views}, RefStats(0, True, str(path))
+        got, why = self.load(key, views)
+        if got is not None:
+            return got, RefStats(0, True, str(path))
         tensors, forwards = compute()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({v.key: t.contiguous() for v, t in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-        return tensors, RefStats(forwards, False, str(path))
+        named = {v.key: t.float().contiguous().cpu() for v, t in tensors.items()}
+        with atomic_path(path) as tmp:
+            save_file(named, str(tmp), metadata={"sha256": _checksum(named), "key": key})
+        return tensors, RefStats(forwards, False, str(path), why)

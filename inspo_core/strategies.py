@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from inspo_core.objectives import LossOutput, get_objective, preference_loss
+from inspo_core.objectives import (
+    LossOutput, Objective, apply_objective, check_length_normalize, get_objective, resolve_hparams,
+)
 
 Tensor = torch.Tensor
 
@@ -100,16 +102,84 @@ def required_views(
     strategy: str, objective: str, ref_conditioning: str = "plain", w: float = 0.5
 ) -> tuple[list[View], list[View]]:
     """(policy views, reference views) a strategy x objective needs, sorted, without repeats."""
-    check_ref_conditioning(ref_conditioning)
-    pol = strategy_views(strategy, w)
-    ref: set[View] = set()
-    if get_objective(objective).needs_reference:
-        ref = {ref_view(v, ref_conditioning) for v in pol}
-    return sorted(pol), sorted(ref)
+    m = resolve_method(objective, strategy, w=w, ref_conditioning=ref_conditioning)
+    return m.policy_views, m.ref_views
 
 
 def strategy_views(strategy: str, w: float = 0.5) -> set[View]:
     return {v for wt, c, r in get_strategy(strategy).terms(w) if wt != 0 for v in (c, r)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """An objective x strategy resolved once: validated hyperparameters, the weighted terms that
+    count (zero weights dropped), the views the policy and the reference must score, and the term
+    whose views are logged as `logps/chosen` / `logps/rejected`. Built by `resolve_method`; the
+    training loop calls `loss` on every micro-batch without looking names up again."""
+
+    objective: Objective
+    strategy: Strategy
+    hparams: dict[str, float]
+    terms: tuple[tuple[float, View, View], ...]
+    ref_conditioning: str = "plain"
+    length_normalize: bool = False
+
+    @property
+    def policy_views(self) -> list[View]:
+        return sorted({v for _, c, r in self.terms for v in (c, r)})
+
+    @property
+    def ref_views(self) -> list[View]:
+        if not self.objective.needs_reference:
+            return []
+        return sorted({ref_view(v, self.ref_conditioning) for v in self.policy_views})
+
+    @property
+    def main_views(self) -> tuple[View, View]:
+        """(chosen, rejected) views of the last term that counts: the strategy's own (conditioned
+        where it conditions)."""
+        _, c, r = self.terms[-1]
+        return c, r
+
+    @property
+    def conditioned(self) -> bool:
+        return any(v.context for v in self.policy_views)
+
+    def loss(self, policy_logps: dict[View, Tensor], ref_logps: dict[View, Tensor] | None,
+             lengths: dict[str, Tensor]) -> LossOutput:
+        """Weighted sum over the terms of the objective. All [B]; log-probs are sums over the target."""
+        total: LossOutput | None = None
+        lc, lr = lengths["chosen"], lengths["rejected"]
+        for weight, cv, rv in self.terms:
+            if self.objective.needs_reference:
+                assert ref_logps is not None, "reference log-probs missing"
+                rc, rr = ref_logps[ref_view(cv, self.ref_conditioning)], ref_logps[ref_view(rv, self.ref_conditioning)]
+            else:
+                rc = rr = None
+            out = apply_objective(self.objective, self.hparams, policy_logps[cv], policy_logps[rv], rc, rr, lc, lr,
+                                  length_normalize=self.length_normalize)
+            scaled = LossOutput(weight * out.losses, weight * out.chosen_rewards, weight * out.rejected_rewards)
+            total = scaled if total is None else LossOutput(
+                total.losses + scaled.losses,
+                total.chosen_rewards + scaled.chosen_rewards,
+                total.rejected_rewards + scaled.rejected_rewards,
+            )
+        assert total is not None
+        return total
+
+
+def resolve_method(objective: str, strategy: str, *, w: float = 0.5, ref_conditioning: str = "plain",
+                   length_normalize: bool = False, **hparams: float) -> Method:
+    """Validate names and hyperparameters once; ValueError names what is wrong and the valid values."""
+    obj = get_objective(objective)
+    strat = get_strategy(strategy)
+    check_ref_conditioning(ref_conditioning)
+    check_length_normalize(objective, length_normalize)
+    if not 0 <= w <= 1:
+        raise ValueError(f"w={w} must be in [0, 1]")
+    terms = tuple((float(wt), c, r) for wt, c, r in strat.terms(w) if wt != 0)
+    assert terms, f"strategy {strategy!r} with w={w} has no term"
+    return Method(obj, strat, resolve_hparams(objective, hparams), terms, ref_conditioning, length_normalize)
 
 
 def strategy_loss(
@@ -121,6 +191,7 @@ def strategy_loss(
     lengths: dict[str, Tensor],
     ref_conditioning: str = "plain",
     w: float = 0.5,
+    length_normalize: bool = False,
     **hparams: float,
 ) -> LossOutput:
     """Weighted sum over the strategy's terms of `preference_loss(objective, ...)`. All [B].
@@ -128,35 +199,9 @@ def strategy_loss(
     `policy_logps` / `ref_logps` map views to summed target log-probs; `lengths` maps
     "chosen"/"rejected" to target token counts (the same tokens in every view).
     """
-    needs_ref = get_objective(objective).needs_reference
-    total: LossOutput | None = None
-    for weight, cv, rv in get_strategy(strategy).terms(w):
-        if weight == 0:
-            continue
-        kw = {}
-        if needs_ref:
-            assert ref_logps is not None, "reference log-probs missing"
-            kw = dict(
-                ref_chosen_logps=ref_logps[ref_view(cv, ref_conditioning)],
-                ref_rejected_logps=ref_logps[ref_view(rv, ref_conditioning)],
-            )
-        out = preference_loss(
-            objective,
-            chosen_logps=policy_logps[cv],
-            rejected_logps=policy_logps[rv],
-            chosen_lengths=lengths["chosen"],
-            rejected_lengths=lengths["rejected"],
-            **kw,
-            **hparams,
-        )
-        scaled = LossOutput(weight * out.losses, weight * out.chosen_rewards, weight * out.rejected_rewards)
-        total = scaled if total is None else LossOutput(
-            total.losses + scaled.losses,
-            total.chosen_rewards + scaled.chosen_rewards,
-            total.rejected_rewards + scaled.rejected_rewards,
-        )
-    assert total is not None, f"strategy {strategy!r} with w={w} has no term"
-    return total
+    method = resolve_method(objective, strategy, w=w, ref_conditioning=ref_conditioning,
+                            length_normalize=length_normalize, **hparams)
+    return method.loss(policy_logps, ref_logps, lengths)
 
 
 def reflection_gain(policy_logps: dict[View, Tensor]) -> Tensor | None:

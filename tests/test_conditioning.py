@@ -8,8 +8,9 @@ import torch
 from torch.testing import assert_close
 
 from conftest import CHAT_EXAMPLES, PLAIN_EXAMPLES
-from inspo_core.conditioning import BuilderConfig, ConditioningBuilder, collate_views
-from inspo_core.logps import view_logps
+from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
+from inspo_core.logps import TokenLogps
+from inspo_core.scoring import score_views
 from inspo_core.strategies import L_GIVEN_L, L_GIVEN_W, L_PLAIN, W_GIVEN_L, W_PLAIN
 
 ALL_VIEWS = [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W, L_GIVEN_L]
@@ -70,10 +71,9 @@ def test_builder_and_engine_match_slow_path(tokenizer, tiny_model, fmt, kind):
     builder = ConditioningBuilder(tokenizer, cfg, ALL_VIEWS)
     pairs, report = builder.build_all(examples)
     assert report.examples == len(examples) and not report.counts
-    batch = collate_views(pairs, ALL_VIEWS, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        chunked = view_logps(tiny_model, batch)
-        full = view_logps(tiny_model, batch, method="full")
+        chunked = score_views(tiny_model, pairs, ALL_VIEWS, pad_id=tokenizer.pad_token_id).logps
+        full = score_views(TokenLogps(tiny_model, method="full"), pairs, ALL_VIEWS, pad_id=tokenizer.pad_token_id).logps
     for view in ALL_VIEWS:
         for i, ex in enumerate(examples):
             seq, n_target = expect(tokenizer, ex, fmt, view)
@@ -87,18 +87,24 @@ def test_builder_and_engine_match_slow_path(tokenizer, tiny_model, fmt, kind):
         assert_close(chunked[view], full[view], atol=1e-5, rtol=1e-6)
 
 
-def test_padding_never_decides_attention_when_pad_is_eos(tokenizer, tiny_model):
-    """pad == EOS: rows padded with EOS must score exactly as when run alone."""
+@pytest.mark.parametrize("packing", ["padded", "tree"])
+def test_padding_never_decides_attention_when_pad_is_eos(tokenizer, tiny_model, packing):
+    """pad == EOS with `raw` contexts, so the alternative's own EOS sits in the middle of a row and
+    rows are padded with EOS: every view scores exactly what the slow path gives for its unpadded
+    sequence. (A mask derived from `input_ids != pad_id` would hide the mid-row EOS and fail.)"""
     tok = copy.deepcopy(tokenizer)
     tok.pad_token = tok.eos_token
-    builder = ConditioningBuilder(tok, BuilderConfig(max_length=256), [W_PLAIN, W_GIVEN_L])
+    assert tok.pad_token_id == tok.eos_token_id
+    builder = ConditioningBuilder(tok, BuilderConfig("raw", max_length=256, alpha_draft=None), ALL_VIEWS)
     pairs, _ = builder.build_all(PLAIN_EXAMPLES)
+    seq, start = pairs[0].sequence(W_GIVEN_L)
+    assert tok.eos_token_id in seq[1:start]  # the alternative's EOS is mid-row
     with torch.no_grad():
-        both = view_logps(tiny_model, collate_views(pairs, builder.views, pad_id=tok.pad_token_id))
-        for i, p in enumerate(pairs):
-            alone = view_logps(tiny_model, collate_views([p], builder.views, pad_id=tok.pad_token_id))
-            for v in builder.views:
-                assert_close(both[v][i], alone[v][0], atol=1e-5, rtol=0)
+        got = score_views(tiny_model, pairs, ALL_VIEWS, packing=packing, pad_id=tok.pad_token_id).logps
+    for i, p in enumerate(pairs):
+        for v in ALL_VIEWS:
+            seq, start = p.sequence(v)
+            assert_close(got[v][i].item(), slow_logp(tiny_model, seq, len(seq) - start), atol=1e-5, rtol=1e-6)
 
 
 def test_targets_are_the_same_tokens_in_every_view(tokenizer):
@@ -147,8 +153,8 @@ def test_exclude_eos_drops_the_final_token_from_the_score(tokenizer, tiny_model)
     no_eos = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64, exclude_eos=True), views).build(PLAIN_EXAMPLES[0])
     assert no_eos.loss_lengths["chosen"] == with_eos.loss_lengths["chosen"] - 1
     with torch.no_grad():
-        a = view_logps(tiny_model, collate_views([with_eos], views))[W_PLAIN]
-        b = view_logps(tiny_model, collate_views([no_eos], views))[W_PLAIN]
+        a = score_views(tiny_model, [with_eos], views).logps[W_PLAIN]
+        b = score_views(tiny_model, [no_eos], views).logps[W_PLAIN]
     seq, start = with_eos.sequence(W_PLAIN)
     eos_term = slow_logp(tiny_model, seq, 1)
     assert_close(a.item() - b.item(), eos_term, atol=1e-5, rtol=0)

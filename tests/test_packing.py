@@ -5,12 +5,18 @@ import torch
 from torch.testing import assert_close
 
 from conftest import CHAT_EXAMPLES, PLAIN_EXAMPLES
-from inspo_core.conditioning import BuilderConfig, ConditioningBuilder, collate_views
-from inspo_core.logps import view_logps
-from inspo_core.packing import build_tree, pack_pairs, packed_view_logps
+from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
+from inspo_core.packing import build_tree, pack_pairs
+from inspo_core.scoring import score_views
 from inspo_core.strategies import L_GIVEN_L, L_GIVEN_W, L_PLAIN, W_GIVEN_L, W_PLAIN
 
 ALL = [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W, L_GIVEN_L]
+
+
+def both_paths(model, pairs, views, pad_id=0, row_tokens=None):
+    padded = score_views(model, pairs, views, packing="padded", pad_id=pad_id).logps
+    packed = score_views(model, pairs, views, packing="tree", pad_id=pad_id, pack_tokens=row_tokens).logps
+    return padded, packed
 
 
 @pytest.mark.parametrize("fmt", ["sep", "raw", "template"])
@@ -20,10 +26,54 @@ def test_tree_equals_padded(tokenizer, tiny_model, fmt, examples, row_tokens):
     b = ConditioningBuilder(tokenizer, BuilderConfig(fmt, max_length=256, alpha_draft=0.5, exclude_eos=True), ALL)
     pairs, _ = b.build_all(examples * 2)
     with torch.no_grad():
-        padded = view_logps(tiny_model, collate_views(pairs, ALL, tokenizer.pad_token_id))
-        packed = packed_view_logps(tiny_model, pack_pairs(pairs, ALL, row_tokens=row_tokens), ALL, len(pairs))
+        padded, packed = both_paths(tiny_model, pairs, ALL, tokenizer.pad_token_id, row_tokens)
     for v in ALL:
         assert_close(packed[v], padded[v], atol=1e-5, rtol=1e-6, msg=str(v))
+
+
+LONG_PROMPT = {"prompt": "answer the question about apples, oranges and pears " * 3, "chosen": "An apple, crisp and sweet.",
+               "rejected": "A cat sat on the mat."}
+
+
+@pytest.mark.parametrize("fmt", ["sep", "raw", "template"])
+@pytest.mark.parametrize("case", ["draft_cap_zero", "draft_cap_small", "no_room_for_context", "targets_truncated"])
+def test_tree_equals_padded_when_truncated(tokenizer, tiny_model, fmt, case):
+    """Table 3's cuts: a draft cap of 0 tokens (a raw context becomes an empty segment), a cap of
+    2, a prompt that leaves the context no room, targets cut by max_length."""
+    P = len(tokenizer(LONG_PROMPT["prompt"])["input_ids"])
+    settings = {"draft_cap_zero": dict(max_length=256, alpha_draft=0.001),
+                "draft_cap_small": dict(max_length=256, alpha_draft=2 / 256),
+                "no_room_for_context": dict(max_length=P + 3 + (2 if fmt == "sep" else 0), alpha_draft=None),
+                "targets_truncated": dict(max_length=P + 6 + (2 if fmt == "sep" else 0), alpha_draft=0.5)}[case]
+    if fmt == "template":  # the template's own tokens need room
+        settings["max_length"] += len(tokenizer(BuilderConfig().template)["input_ids"])
+    b = ConditioningBuilder(tokenizer, BuilderConfig(fmt, **settings), ALL)
+    pairs, report = b.build_all([LONG_PROMPT, PLAIN_EXAMPLES[0], PLAIN_EXAMPLES[1]])
+    if case != "draft_cap_small":
+        assert report.counts, "the case must actually cut something"
+    if case == "draft_cap_zero" and fmt == "raw":
+        assert any(p.contexts["chosen"] == [] for p in pairs)  # an empty context segment
+    with torch.no_grad():
+        padded, packed = both_paths(tiny_model, pairs, ALL, tokenizer.pad_token_id)
+    for v in ALL:
+        assert_close(packed[v], padded[v], atol=1e-5, rtol=1e-6, msg=str(v))
+
+
+def test_every_query_of_a_packed_row_attends_somewhere(tokenizer):
+    """Padding at the end of a row attends to itself: a fully masked query row is NaN in CUDA's
+    memory-efficient SDPA, and its NaN reaches the gradients."""
+    b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=256), ALL)
+    pairs, _ = b.build_all([LONG_PROMPT, PLAIN_EXAMPLES[0], PLAIN_EXAMPLES[1]])
+    batch = pack_pairs(pairs, ALL, row_tokens=80)
+    assert batch.input_ids.shape[0] > 1 and batch.tokens < batch.input_ids.numel()  # rows with tail padding
+    allowed = torch.isfinite(batch.attention_mask[:, 0])  # [R, N, N]
+    assert allowed.any(-1).all()
+    # and the result is unchanged: padding never feeds a scored position
+    q = torch.nn.functional.scaled_dot_product_attention(torch.randn(batch.input_ids.shape[0], 1, batch.input_ids.shape[1], 8),
+                                                         torch.randn(batch.input_ids.shape[0], 1, batch.input_ids.shape[1], 8),
+                                                         torch.randn(batch.input_ids.shape[0], 1, batch.input_ids.shape[1], 8),
+                                                         attn_mask=batch.attention_mask)
+    assert torch.isfinite(q).all()
 
 
 def test_raw_contexts_share_the_plain_branch(tokenizer):
@@ -49,8 +99,7 @@ def test_gradients_match(tokenizer):
     grads = []
     for packed in (False, True):
         model = tiny_llama(len(tokenizer), seed=5)
-        out = (packed_view_logps(model, pack_pairs(pairs, views), views, len(pairs)) if packed
-               else view_logps(model, collate_views(pairs, views)))
+        out = score_views(model, pairs, views, packing="tree" if packed else "padded").logps
         (out[W_GIVEN_L] - 0.5 * out[L_GIVEN_W]).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:

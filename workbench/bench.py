@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from inspo_core.conditioning import BuiltPair, collate_views
+from inspo_core.conditioning import BuiltPair
 from inspo_core.config import opt
-from inspo_core.logps import TokenLogps, sequence_logps
-from inspo_core.packing import pack_pairs, packed_view_logps, to_device
-from inspo_core.strategies import required_views, strategy_loss
+from inspo_core.logps import TokenLogps
+from inspo_core.scoring import prepare_batch, score_batch
+from inspo_core.strategies import resolve_method
 from inspo_core.trainer import peak_rss_mb
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
@@ -94,39 +94,27 @@ class Runner:
     def __init__(self, cfg: BenchConfig, strategy: str, packing: str, reference: str, policy, ref_model, pairs, dev):
         self.name = (strategy, packing, reference)
         self.cfg, self.strategy, self.packing, self.reference = cfg, strategy, packing, reference
-        self.views, self.ref_views = required_views(strategy, "dpo")
+        self.method = resolve_method("dpo", strategy)
         self.pairs, self.dev = pairs, dev
         self.policy, self.ref_model = policy, ref_model
         self.scorer = TokenLogps(policy)
         self.opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
-        mask_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        if packing == "tree":
-            self.batch = to_device(pack_pairs(pairs, self.views), dev, mask_dtype)
-            self.ref_batch = to_device(pack_pairs(pairs, self.ref_views), dev, mask_dtype)
-            self.tokens_processed = self.batch.input_ids.numel()
-        else:
-            self.batch = collate_views(pairs, self.views)
-            self.ref_batch = collate_views(pairs, self.ref_views)
-            self.tokens_processed = self.batch.input_ids.numel()
+        self.mask_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        # batches are laid out once, outside the timed steps (as a data loader's workers would)
+        self.batch = prepare_batch(pairs, self.method.policy_views, packing=packing)
+        self.ref_batch = prepare_batch(pairs, self.method.ref_views, packing=packing)
+        self.tokens_processed = self.batch.batch.input_ids.numel()  # positions computed, padding included
         with torch.no_grad():
             self.cached = self.ref_logps(ref_model)  # what the cache would hold (computed once, not timed)
-        self.lengths = {k: torch.tensor([cfg.response_len] * len(pairs), device=dev) for k in ("chosen", "rejected")}
-
-    def logps(self, scorer_or_model, batch, views):
-        if self.packing == "tree":
-            return packed_view_logps(scorer_or_model, batch, views, len(self.pairs))
-        out = sequence_logps(scorer_or_model, batch.input_ids.to(self.dev), batch.attention_mask.to(self.dev),
-                             batch.target_mask.to(self.dev))
-        return batch.split(out.sum)
 
     def ref_logps(self, model):
         with torch.no_grad():
-            return self.logps(TokenLogps(model), self.ref_batch, self.ref_views)
+            return score_batch(TokenLogps(model), self.ref_batch, device=self.dev, mask_dtype=self.mask_dtype).logps
 
     def step(self) -> None:
         ref = self.cached if self.reference == "cached" else self.ref_logps(self.ref_model)
-        pol = self.logps(self.scorer, self.batch, self.views)
-        loss = strategy_loss("dpo", self.strategy, policy_logps=pol, ref_logps=ref, lengths=self.lengths).losses.mean()
+        scored = score_batch(self.scorer, self.batch, device=self.dev, mask_dtype=self.mask_dtype)
+        loss = self.method.loss(scored.logps, ref, scored.lengths).losses.mean()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

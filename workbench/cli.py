@@ -77,9 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _, cls, target = COMMANDS[args.command]
+    from inspo_core.checkpoint import CheckpointError
+    from inspo_core.judges import JudgeError
+    from inspo_core.trainer import TrainingError
+
     try:
         run_command(target, config_from_args(cls, args))
         return 0
     except ValueError as e:  # configuration and data problems: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TrainingError, CheckpointError, JudgeError) as e:  # expected stops: say what happened
+        print(f"error: {e}", file=sys.stderr)
+        return 1

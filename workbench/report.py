@@ -9,7 +9,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from inspo_core.runlog import MetricsLog, atomic_write_text
+from inspo_core.atomic import atomic_write_text
+from inspo_core.rundir import MetricsLog
 
 COLORS = {"none": "#636efa", "symmetric": "#ef553b", "one_sided": "#00cc96", "one_sided_paper": "#ab63fa",
           "averaged": "#ffa15a"}

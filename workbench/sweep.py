@@ -10,7 +10,7 @@ from pathlib import Path
 
 from inspo_core.config import TrainConfig, coerce, load_config, opt
 from inspo_core.evaluate import write_json
-from inspo_core.runlog import MetricsLog
+from inspo_core.rundir import MetricsLog
 
 
 @dataclass

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from inspo_core.atomic import atomic_path, atomic_write_text
 from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
 from inspo_core.models import load_model, load_tokenizer, tiny_llama, train_tokenizer
+from inspo_core.rundir import RunDir
 from inspo_core.strategies import View
 from inspo_core.worlds.preferences import FAMILIES, make_preferences
 
@@ -153,13 +153,10 @@ def build_reference(world: TokenWorld, cache_dir: str | Path, log=print) -> Path
         opt.step()
     log(f"pi_ref pre-trained: final next-token loss {loss.item():.3f}")
     model.eval()
-    tmp = path.with_name(f".pi_ref.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "world.json").write_text(json.dumps(asdict(cfg), indent=1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
+    with atomic_path(path, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "world.json").write_text(json.dumps(asdict(cfg), indent=1))
     return path
 
 
@@ -199,10 +196,7 @@ def sample_pairs(world: TokenWorld, ref_dir: Path, n_pairs: int, out_path: Path,
             rows.append({"prompt": world.prompts[x], "chosen": w, "rejected": l_, "context": x,
                          "items": [world.parse(w), world.parse(l_)]})
     rng.shuffle(rows)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in rows))
     log(f"sampled {len(rows)} labelled pairs from pi_ref ({empty} pairs with an empty response left out) "
         f"-> {out_path}")
     return out_path
@@ -211,15 +205,12 @@ def sample_pairs(world: TokenWorld, ref_dir: Path, n_pairs: int, out_path: Path,
 def world_of(model_dir: str | Path) -> tuple[TokenWorld, Path] | None:
     """(world, pi_ref dir) when `model_dir` is a world's pi_ref or a checkpoint trained from one
     (a run's final/, best/ or checkpoints/step-N/, or the run directory itself), else None."""
-    import yaml
-
     p = Path(model_dir)
-    for cand in (p, p.parent, p.parent.parent):
+    candidates = [p]
+    run = RunDir.of_model(p)
+    if run is not None:
+        candidates.append(Path(str(run.read_config().get("resolved_model", ""))))
+    for cand in candidates:
         if (cand / "world.json").is_file():
             return TokenWorld(TokenWorldConfig(**json.loads((cand / "world.json").read_text()))), cand
-        conf = cand / "config.yaml"
-        if conf.is_file():
-            ref = Path(str(yaml.safe_load(conf.read_text()).get("resolved_model", "")))
-            if (ref / "world.json").is_file():
-                return TokenWorld(TokenWorldConfig(**json.loads((ref / "world.json").read_text()))), ref
     return None

@@ -1,0 +1,261 @@
+"""Prepare once, then loop: everything a training run needs, resolved before the first step.
+
+`prepare(cfg, accelerator, say)` checks the run directory (a fresh run never mixes with an
+earlier one; a resume continues only the same run, from its newest intact checkpoint), loads and
+filters the data, loads the tokenizer and the policy, builds the token layout of every pair,
+computes (or reads) the reference log-probs, and returns one frozen `TrainPlan` together with the
+policy model. The training loop (`inspo_core.trainer`) only trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inspo_core.checkpoint import intact_checkpoints, read_state
+from inspo_core.conditioning import BuilderConfig, BuiltPair, ConditioningBuilder
+from inspo_core.config import TrainConfig
+from inspo_core.data import load_rows, prepare_rows, split_rows
+from inspo_core.models import build_tiny, load_model, load_tokenizer
+from inspo_core.refcache import RefCache, RefStats, compute_ref_logps
+from inspo_core.rundir import RESUME_FREE_KEYS, RunDir
+from inspo_core.strategies import L_PLAIN, W_PLAIN, Method, View, resolve_method
+
+PLAIN_VIEWS = (W_PLAIN, L_PLAIN)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    cfg: TrainConfig
+    method: Method  # objective x strategy, resolved once
+    eval_views: tuple[View, ...]  # validation scores the plain views too, for the reflection metrics
+    run: RunDir
+    model_source: str  # a directory or hub name the policy (and the reference) come from
+    tokenizer: object
+    pad_id: int
+    train_pairs: list[BuiltPair]
+    val_pairs: list[BuiltPair]
+    ref_train: dict[View, torch.Tensor]  # view -> [N] reference log-probs, pair order
+    ref_val: dict[View, torch.Tensor]
+    ref_stats: RefStats
+    per_epoch: int  # optimizer steps per pass over the data
+    total_steps: int
+    global_batch: int  # pairs per optimizer step, all processes and micro-batches
+    resume_from: Path | None
+    config_record: dict  # what config.yaml and every checkpoint record
+
+
+def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Module]:
+    """(plan, policy on the accelerator's device, not yet wrapped by `accelerator.prepare`)."""
+    run = RunDir(cfg.output_dir)
+    run.check_usable()
+    resume_from = _choose_start(cfg, run, acc, say)
+    method = resolve_method(cfg.objective, cfg.strategy, w=cfg.w, ref_conditioning=cfg.ref_conditioning,
+                            length_normalize=cfg.length_normalize, **cfg.objective_hparams())
+    train_rows, val_rows = _load_data(cfg, say)
+    source = _model_source(cfg, train_rows + val_rows, acc)
+    tokenizer = load_tokenizer(cfg.tokenizer or source, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=cfg.chat_template)
+    train_rows = _length_filter(cfg, train_rows, tokenizer, say)
+    if cfg.max_rows:
+        train_rows = train_rows[: cfg.max_rows]
+    eval_views = tuple(sorted(set(method.policy_views) | (set(PLAIN_VIEWS) if method.conditioned else set())))
+    builder = ConditioningBuilder(tokenizer, BuilderConfig(
+        context_format=cfg.context_format, max_length=cfg.max_length, alpha_draft=cfg.alpha_draft,
+        sep_token=cfg.sep_token, exclude_eos=cfg.exclude_eos, **({"template": cfg.template} if cfg.template else {})),
+        sorted(set(eval_views) | set(method.ref_views)))
+    train_pairs, rep = builder.build_all(train_rows, skip_bad=cfg.skip_bad_rows)
+    say(f"builder (train): {rep.summary()}")
+    val_pairs, vrep = builder.build_all(val_rows, skip_bad=cfg.skip_bad_rows)
+    if val_pairs:
+        say(f"builder (validation): {vrep.summary()}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    world = acc.num_processes
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    if len(train_pairs) < global_batch:
+        raise ValueError(
+            f"the training set has {len(train_pairs)} pairs, fewer than one global batch of {global_batch} "
+            f"(batch_size x grad_accum x processes); lower batch_size/grad_accum or add data")
+    per_epoch = len(train_pairs) // global_batch
+    total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch))
+
+    policy = _load_policy(cfg, source, resume_from)
+    if cfg.gradient_checkpointing:
+        enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.to(acc.device)
+    ref_train, ref_val, ref_stats = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, say)
+    record = dataclasses.asdict(cfg) | {"resolved_model": source}
+    plan = TrainPlan(cfg, method, eval_views, run, source, tokenizer, pad_id, train_pairs, val_pairs, ref_train,
+                     ref_val, ref_stats, per_epoch, total, global_batch, resume_from, record)
+    return plan, policy
+
+
+# ---- the run directory -----------------------------------------------------------------------------
+
+def _choose_start(cfg: TrainConfig, run: RunDir, acc, say) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), after the directory rules."""
+    if cfg.resume:
+        found = intact_checkpoints(run, say if acc.is_main_process else (lambda _m: None))
+        if found:
+            ckpt = found[-1][1]
+            check_resume_config(cfg, read_state(ckpt).get("config"), ckpt)
+            return ckpt
+        if run.artifacts() and not cfg.overwrite:
+            raise ValueError(f"--resume: {run.path} holds no intact checkpoint to continue from (it holds "
+                             f"{', '.join(run.artifacts())}); pass --overwrite to start afresh there, or choose "
+                             "another output_dir")
+        say(f"resume: no checkpoint in {run.checkpoints_dir}, starting fresh")
+    leftover = run.artifacts()
+    if leftover:
+        if not cfg.overwrite:
+            raise ValueError(f"{run.path} holds an earlier run ({', '.join(leftover)}); pass --resume to continue it "
+                             "from its last checkpoint, --overwrite to start afresh there (deletes them), or choose "
+                             "another output_dir")
+        if acc.is_main_process:
+            run.clear()
+    acc.wait_for_everyone()
+    return None
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict | None, ckpt: Path) -> None:
+    """A resume continues the same run: every key that changes the run must equal the checkpoint's."""
+    if saved is None:
+        return  # a checkpoint from before configs were recorded in it
+    now = dataclasses.asdict(cfg)
+    differ = sorted(k for k in now if k not in RESUME_FREE_KEYS and k in saved and saved[k] != now[k])
+    if differ:
+        parts = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in differ]
+        raise ValueError(f"--resume from {ckpt} with a different config ({'; '.join(parts)}); a resume must continue "
+                         "the same run: restore these values, or start a new run in another output_dir")
+
+
+# ---- data and model ------------------------------------------------------------------------------------
+
+def _load_data(cfg: TrainConfig, say) -> tuple[list[dict], list[dict]]:
+    train_rows, report = prepare_rows(load_rows(cfg.data, cfg.data_split), skip_bad_rows=cfg.skip_bad_rows,
+                                      dedup=cfg.dedup, min_margin=cfg.min_margin)
+    say(f"data {cfg.data}: {report.summary()}")
+    if not train_rows:
+        raise ValueError(f"data {cfg.data}: no usable rows left ({report.summary()})")
+    if cfg.eval_data:
+        val_rows, vrep = prepare_rows(load_rows(cfg.eval_data, cfg.eval_split), skip_bad_rows=cfg.skip_bad_rows,
+                                      dedup=cfg.dedup, min_margin=cfg.min_margin)
+        say(f"eval data {cfg.eval_data}: {vrep.summary()}")
+        return train_rows, val_rows
+    if cfg.val_size > 0:
+        return split_rows(train_rows, cfg.val_size, cfg.seed)
+    return train_rows, []
+
+
+def _row_texts(row: dict) -> list[str]:
+    p = row["prompt"]
+    prompt = p if isinstance(p, str) else " ".join(m["content"] for m in p)
+    return [prompt, row["chosen"], row["rejected"]]
+
+
+def check_model_source(source: str, what: str = "model") -> None:
+    """A clear error for a path that is not a model, before transformers' own messages."""
+    p = Path(source)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ValueError(f"{what} {source!r} is a directory without config.json, not a saved model; point it at "
+                             "a directory written by save_pretrained (a run's final/), or a hub name")
+        return
+    if p.exists():
+        raise ValueError(f"{what} {source!r} is a file; give the directory that holds the model")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not _HUB_ID.match(source):
+        raise ValueError(f"{what} {source!r} does not exist (and is not a hub name like org/model)")
+
+
+def _model_source(cfg: TrainConfig, rows: list[dict], acc) -> str:
+    if cfg.model != "tiny":
+        check_model_source(cfg.model)
+        if cfg.ref_model:
+            check_model_source(cfg.ref_model, "ref_model")
+        return cfg.model
+    texts = [t for r in rows for t in _row_texts(r)]
+    with acc.main_process_first():
+        return str(build_tiny(cfg.cache_dir, texts, vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
+                              num_layers=cfg.tiny_layers, max_positions=max(1024, cfg.max_length), seed=cfg.seed))
+
+
+def _length_filter(cfg: TrainConfig, rows: list[dict], tokenizer, say) -> list[dict]:
+    if not (cfg.max_response_tokens or cfg.min_response_tokens):
+        return rows
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    kept, rep = prepare_rows(rows, dedup=False, token_count=count, max_response_tokens=cfg.max_response_tokens,
+                             min_response_tokens=cfg.min_response_tokens)
+    say(f"length filter: {rep.summary()}")
+    return kept
+
+
+def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
+    dtype = torch.float32  # master weights in fp32; bf16 runs use autocast
+    if cfg.lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = load_model(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        if resume_from is not None:
+            return PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
+        torch.manual_seed(cfg.seed)
+        lcfg = LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha or 2 * cfg.lora, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        return get_peft_model(base, lcfg)
+    return load_model(str(resume_from or source), dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+
+
+# ---- the reference -------------------------------------------------------------------------------------
+
+def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pairs, val_pairs, pad_id, acc, say):
+    """Reference log-probs of train and validation pairs, from the cache when possible. The cache key
+    is the reference's files (config + full weights; with LoRA the base model, adapters excluded),
+    the scored token sequences and the dtype."""
+    if not method.objective.needs_reference:
+        return {}, {}, RefStats(cache_hit=True)
+    cache = RefCache(cfg.cache_dir)
+    ref_source = source if cfg.lora else (cfg.ref_model or source)
+    views = method.ref_views
+    ref_model = None
+
+    def get_ref():
+        nonlocal ref_model
+        if ref_model is None:
+            if cfg.lora:  # the base model with adapters disabled: no second copy of the weights
+                ref_model = policy
+            else:
+                ref_model = load_model(ref_source, dtype=torch.float32,
+                                       trust_remote_code=cfg.trust_remote_code).to(acc.device)
+        return ref_model
+
+    results = []
+    with acc.main_process_first():
+        ref_id = cache.model_id(ref_source)
+        for pairs in (train_pairs, val_pairs):
+            key = cache.key(ref_id, pairs, views, "bf16" if cfg.bf16 else "fp32")
+
+            def compute(pairs=pairs):
+                model = get_ref()
+                ctx = model.disable_adapter() if cfg.lora else contextlib.nullcontext()
+                with ctx, acc.autocast():
+                    return compute_ref_logps(model, pairs, views, batch_size=cfg.batch_size, pad_id=pad_id,
+                                             chunk_mb=cfg.logps_chunk_mb, packing=cfg.packing,
+                                             mask_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+
+            results.append(cache.get_or_compute(key, views, compute))
+    (ref_train, s1), (ref_val, s2) = results
+    for note in {s1.note, s2.note} - {""}:
+        say(note)
+    stats = RefStats(s1.forwards + s2.forwards, s1.cache_hit and s2.cache_hit, s1.path)
+    say(f"reference log-probs: {'cache hit' if stats.cache_hit else 'computed'} ({stats.forwards} reference "
+        f"forwards) {s1.path}")
+    return ref_train, ref_val, stats

@@ -1,0 +1,330 @@
+"""Nothing silently wrong, nothing lost: run-directory rules, resume safety, damaged checkpoints and
+caches, divergence, clipping of the prepared model. Each test reproduces a case that went wrong
+before (issue notes in the docstrings)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from inspo_core.checkpoint import CheckpointError
+from inspo_core.trainer import Trainer, TrainingError
+from test_trainer import cfg, losses, weights
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+# ---- the method -------------------------------------------------------------------------------------
+
+def test_averaged_with_w_zero_trains_like_none(tmp_path, cache_dir):
+    """`--strategy averaged --w 0` crashed with a KeyError (the logged term had weight 0 and its views
+    were never scored). Now it trains, and w=0 is plain DPO step by step; w=1 is INS-DPO."""
+    a0 = Trainer(cfg(tmp_path / "a0", cache_dir, strategy="averaged", w=0.0)).train()
+    none = Trainer(cfg(tmp_path / "n", cache_dir, strategy="none")).train()
+    assert_close(torch.tensor(losses(a0.run_dir)), torch.tensor(losses(none.run_dir)), atol=1e-6, rtol=1e-6)
+    a1 = Trainer(cfg(tmp_path / "a1", cache_dir, strategy="averaged", w=1.0)).train()
+    sym = Trainer(cfg(tmp_path / "s", cache_dir, strategy="symmetric")).train()
+    assert_close(torch.tensor(losses(a1.run_dir)), torch.tensor(losses(sym.run_dir)), atol=1e-6, rtol=1e-6)
+
+
+def test_length_normalize_is_refused_where_it_would_normalise_twice(tmp_path, cache_dir):
+    from inspo_core.config import TrainConfig, load_config
+
+    for name in ("simpo", "orpo", "rrhf", "cpo", "slic"):
+        with pytest.raises(ValueError, match=f"objective '{name}': {name} already divides by"):
+            load_config(TrainConfig, None, {"objective": name, "length_normalize": True})
+
+
+def test_length_normalized_dpo_in_the_trainer_is_eq_12(tmp_path, cache_dir):
+    """The first step's loss of DPO with length_normalize equals -log sigma(beta * margin of mean
+    log-probs), computed here from the plan's own reference log-probs and a fresh scoring pass."""
+    from inspo_core.scoring import score_views
+
+    t = Trainer(cfg(tmp_path, cache_dir, strategy="none", length_normalize=True, max_steps=1, val_size=0,
+                    batch_size=8, beta=0.5))
+    t.train()
+    plan = t.plan
+    idx = t.micro_batches(0)[0]
+    from inspo_core.models import load_model
+
+    start = load_model(plan.model_source, dtype=torch.float32)
+    with torch.no_grad():
+        s = score_views(start, [plan.train_pairs[i] for i in idx], plan.method.policy_views, pad_id=plan.pad_id)
+    from inspo_core.strategies import L_PLAIN, W_PLAIN
+
+    lc, lr = s.lengths["chosen"].double(), s.lengths["rejected"].double()
+    pol_c, pol_r = s.logps[W_PLAIN].double() / lc, s.logps[L_PLAIN].double() / lr
+    ref_c, ref_r = plan.ref_train[W_PLAIN][idx].double() / lc, plan.ref_train[L_PLAIN][idx].double() / lr
+    want = torch.nn.functional.softplus(-0.5 * ((pol_c - ref_c) - (pol_r - ref_r))).mean().item()
+    assert losses(plan.run.path)[0] == pytest.approx(want, abs=1e-5)
+
+
+class _ReplacingAccelerator:
+    """An Accelerator whose prepare() swaps every parameter for a new tensor and remaps the
+    optimizer, as FSDP2's fully_shard does (parameters become DTensors)."""
+
+    def __new__(cls, **kw):
+        from accelerate import Accelerator
+
+        class Replacing(Accelerator):
+            def prepare(self, model, optimizer):
+                new = {}
+                for mod in model.modules():
+                    for name, p in list(mod._parameters.items()):
+                        if p is not None:
+                            new.setdefault(id(p), torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                            mod._parameters[name] = new[id(p)]
+                for g in optimizer.param_groups:
+                    g["params"] = [new[id(p)] for p in g["params"]]
+                optimizer.state.clear()
+                return super().prepare(model, optimizer)
+
+        return Replacing(**kw)
+
+
+def test_clipping_acts_on_the_prepared_parameters(tmp_path, cache_dir):
+    """Clipping was handed the parameter list captured before `accelerator.prepare`; when prepare
+    replaces the parameters (FSDP2) those are stale: grad_norm read 0 and nothing was clipped. With a
+    tight limit the run must equal the ordinary one step by step, and report the real norm."""
+    kw = dict(max_grad_norm=1e-3, max_steps=3, val_size=0)
+    plain = Trainer(cfg(tmp_path / "a", cache_dir, **kw)).train()
+    swapped = Trainer(cfg(tmp_path / "b", cache_dir, **kw), accelerator=_ReplacingAccelerator(cpu=True)).train()
+    assert_close(torch.tensor(losses(swapped.run_dir)), torch.tensor(losses(plain.run_dir)), atol=1e-6, rtol=1e-6)
+    norms = losses(swapped.run_dir, "grad_norm")
+    assert all(n > 1e-3 for n in norms), norms  # above the limit: clipping changed every update
+    unclipped = Trainer(cfg(tmp_path / "c", cache_dir, **{**kw, "max_grad_norm": 0.0})).train()
+    assert losses(unclipped.run_dir)[1:] != losses(plain.run_dir)[1:]
+
+
+# ---- the run directory ------------------------------------------------------------------------------
+
+def test_fresh_run_refuses_a_finished_run_without_checkpoints(tmp_path, cache_dir):
+    """A second fresh run into a finished run's directory (save_every 0: no checkpoints) replaced its
+    final/ and metrics.jsonl without a word."""
+    Trainer(cfg(tmp_path, cache_dir, max_steps=2)).train()
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"holds an earlier run \(config.yaml, metrics.jsonl, final.*--overwrite"):
+        Trainer(cfg(tmp_path, cache_dir, max_steps=2, lr=5e-4)).train()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    with pytest.raises(ValueError, match="holds no intact checkpoint to continue from"):
+        Trainer(cfg(tmp_path, cache_dir, max_steps=2, resume=True)).train()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=2, lr=5e-4, overwrite=True)).train()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() != before
+
+
+def test_output_dir_that_is_a_file_fails_before_setup(tmp_path, cache_dir):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        Trainer(load_cfg(output_dir=str(tmp_path / "afile" / "run"), cache_dir=cache_dir)).train()
+
+
+def load_cfg(**kw):
+    from inspo_core.config import TrainConfig, load_config
+
+    return load_config(TrainConfig, None, kw)
+
+
+@pytest.mark.parametrize("change", [{"objective": "ipo"}, {"strategy": "none"}, {"max_length": 80},
+                                    {"lr": 5e-4, "seed": 3}])
+def test_resume_refuses_a_changed_config(tmp_path, cache_dir, change):
+    """--resume accepted a changed objective, strategy or max_length and mixed two setups in one
+    metrics file. Now it names every key that differs."""
+    Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=2)).train()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
+    with pytest.raises(ValueError, match="--resume from .*step-2 with a different config") as err:
+        Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=2, resume=True, **change)).train()
+    for key in change:
+        assert f"{key}: " in str(err.value)
+    # bookkeeping keys may change
+    Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=1, log_every=2, resume=True)).train()
+
+
+def test_failed_final_save_is_loud(tmp_path, cache_dir, monkeypatch):
+    """A failed save of final/ (a file in the way) exited 0 saying the model was saved."""
+    import inspo_core.trainer as trainer_mod
+
+    orig = trainer_mod.save_model
+
+    def blocked(acc, scorer, lm, tok, path, **kw):
+        if path.name == "final":
+            path.write_text("in the way")
+        return orig(acc, scorer, lm, tok, path, **kw)
+
+    monkeypatch.setattr(trainer_mod, "save_model", blocked)
+    with pytest.raises(CheckpointError, match="could not save the model to .*final"):
+        Trainer(cfg(tmp_path, cache_dir, max_steps=2, val_size=0)).train()
+    assert not any(p.name.startswith(".final") for p in (tmp_path / "run").iterdir())  # no temporary left
+
+
+def _damage(ckpt: Path, how: str) -> None:
+    if how == "truncated_weights":
+        w = ckpt / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    elif how == "missing_optimizer":
+        (ckpt / "optimizer.pt").unlink()
+    elif how == "empty_trainer_state":
+        (ckpt / "trainer_state.json").write_text("")
+
+
+@pytest.mark.parametrize("how", ["truncated_weights", "missing_optimizer", "empty_trainer_state"])
+def test_resume_skips_a_damaged_checkpoint(tmp_path, cache_dir, capsys, how):
+    """A damaged last checkpoint stopped --resume with a traceback. Now the newest intact one is
+    used, the skipped one is named with the reason, and the result equals the uninterrupted run."""
+    full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).train()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).train()
+    run_b = tmp_path / "b" / "run"
+    _damage(run_b / "checkpoints" / "step-6", how)
+    capsys.readouterr()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).train()
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and "step-6" in out
+    assert "resumed from" in out and "step-4 at step 4" in out
+    assert losses(run_b) == losses(full.run_dir)
+    for k, v in weights(full.run_dir / "final").items():
+        assert torch.equal(v, weights(run_b / "final")[k]), k
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path, cache_dir):
+    Trainer(cfg(tmp_path, cache_dir, max_steps=5, save_every=1, save_total_limit=2)).train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-4", "step-5"]
+
+
+def test_nan_stop_names_the_real_last_good_checkpoint(tmp_path, cache_dir, monkeypatch, capsys):
+    """The NaN stop named as 'last good' the checkpoint holding the weights that gave the NaN, and
+    resuming from it diverged again. A NaN loss at step 5 comes from the weights after step 4; the
+    good one is step-2, step-4 is marked so that --resume skips it. The CLI prints no traceback."""
+    orig = Trainer.loss_terms
+    count = {"n": 0}
+
+    def nan_at_step_5(self, *a, **k):
+        out = orig(self, *a, **k)  # no validation set: every call is a training micro-batch
+        count["n"] += 1
+        if count["n"] == 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Trainer, "loss_terms", nan_at_step_5)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 5.*Last good checkpoint: \S*checkpoints/step-2 "):
+        Trainer(cfg(tmp_path, cache_dir, max_steps=6, save_every=2, val_size=0)).train()
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-4" / "diverged.txt").exists()
+    assert not (run / "final").exists()
+    monkeypatch.setattr(Trainer, "loss_terms", orig)
+    capsys.readouterr()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=6, save_every=2, val_size=0, resume=True)).train()
+    out = capsys.readouterr().out
+    assert "the run diverged from it" in out and "step-2 at step 2" in out
+
+    # the command line: an expected stop is a message and exit status 1, not a traceback
+    from workbench.cli import main
+
+    count["n"] = 0
+    monkeypatch.setattr(Trainer, "loss_terms", nan_at_step_5)
+    code = main(["train", "--model", "tiny", "--data", str(Path(__file__).resolve().parents[1] / "examples" /
+                 "toy_preferences.jsonl"), "--max_steps", "6", "--save_every", "2", "--val_size", "0",
+                 "--max_length", "96", "--tiny_hidden", "32", "--lr", "1e-3", "--output_dir", str(tmp_path / "cli"),
+                 "--cache_dir", cache_dir])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: non-finite loss at step 5" in err and "Traceback" not in err
+
+
+# ---- the reference cache ----------------------------------------------------------------------------
+
+def _save_tiny(path: Path, src: Path, mutate=None, config=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(src)
+    if mutate:
+        mutate(m)
+    if config:
+        for k, v in config.items():
+            setattr(m.config, k, v)
+    m.save_pretrained(path)
+    AutoTokenizer.from_pretrained(src).save_pretrained(path)
+    return path
+
+
+def test_reference_cache_keys_on_full_weights_and_config(tmp_path):
+    """Same-size references whose middle weights differ got a cache hit (the fingerprint read the
+    first and last MiB); a config change with the same weights hit too."""
+    cache = str(tmp_path / "cache")
+    first = Trainer(cfg(tmp_path / "a", cache, max_steps=1))
+    first.train()
+    src = Path(first.plan.model_source)
+
+    def middle(m):
+        layer = m.model.layers[len(m.model.layers) // 2].mlp.up_proj.weight
+        with torch.no_grad():
+            layer[3, 5] += 0.5
+
+    same = _save_tiny(tmp_path / "same", src)
+    mid = _save_tiny(tmp_path / "mid", src, mutate=middle)
+    conf = _save_tiny(tmp_path / "conf", src, config={"rms_norm_eps": 1e-3})
+    assert (same / "model.safetensors").stat().st_size == (mid / "model.safetensors").stat().st_size
+
+    def run(name, model):
+        return Trainer(cfg(tmp_path / name, cache, model=str(model), max_steps=1)).train()
+
+    assert run("same", same).ref_stats.cache_hit  # identical weights and config, another directory
+    r_mid = run("mid", mid)
+    assert not r_mid.ref_stats.cache_hit and r_mid.ref_stats.forwards > 0
+    assert not run("conf", conf).ref_stats.cache_hit
+
+
+def test_lora_reference_cache_ignores_the_adapters(tmp_path, cache_dir):
+    """With LoRA the key is the base model's: a reseeded LoRA run hits the cache."""
+    cache = str(tmp_path / "cache")
+    a = Trainer(cfg(tmp_path / "a", cache, lora=4, max_steps=1, seed=0)).train()
+    assert not a.ref_stats.cache_hit
+    t = Trainer(cfg(tmp_path / "b", cache, lora=4, max_steps=1, seed=0, lr=3e-3))
+    b = t.train()
+    assert b.ref_stats.cache_hit and b.ref_stats.forwards == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed_values"])
+def test_damaged_reference_cache_is_recomputed(tmp_path, capsys, damage):
+    """A truncated cache file crashed the run; one whose values were zeroed (header intact) was used."""
+    cache = str(tmp_path / "cache")
+    a = Trainer(cfg(tmp_path / "a", cache, max_steps=2)).train()
+    files = sorted((tmp_path / "cache" / "refcache").glob("*.safetensors"))
+    assert files
+    for f in files:
+        data = f.read_bytes()
+        if damage == "truncated":
+            f.write_bytes(data[: len(data) - 7])
+        else:
+            header_len = 8 + int.from_bytes(data[:8], "little")
+            f.write_bytes(data[:header_len] + bytes(len(data) - header_len))
+    capsys.readouterr()
+    b = Trainer(cfg(tmp_path / "b", cache, max_steps=2)).train()
+    out = capsys.readouterr().out
+    assert not b.ref_stats.cache_hit and b.ref_stats.forwards > 0
+    assert ("is damaged" if damage == "truncated" else "fails its checksum") in out
+    assert losses(b.run_dir) == losses(a.run_dir)
+
+
+def test_metrics_survive_a_line_cut_by_a_crash(tmp_path):
+    from inspo_core.rundir import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": 0.5})
+    with open(log.path, "a") as f:
+        f.write('{"step": 2, "lo')
+    assert log.rows() == [{"step": 1, "loss": 0.5}]
+    log.truncate_after(5)
+    assert json.loads(log.path.read_text()) == {"step": 1, "loss": 0.5}
