@@ -194,7 +194,7 @@ class Workbench:
 
     # ---- dashboard -------------------------------------------------------------------------------
     def dashboard(self, selected):
-        from workbench.report import training_curves
+        from inspo_core.plots import training_curves
 
         runs = []
         for name in selected or []:

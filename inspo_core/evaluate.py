@@ -3,6 +3,7 @@ and judging runs that write each judgement as it lands so an interrupted run res
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -74,8 +75,28 @@ def summarize(judgements: list[Judgement], *, n_boot: int = 1000, seed: int = 0)
             "wins": int((probs > 0.5).sum()), "ties": int((probs == 0.5).sum()), "losses": int((probs < 0.5).sum())}
 
 
+def describe_checkpoint(model_dir: str | Path) -> dict:
+    """What a model directory is, for eval.json and judgement keys: its path, a fingerprint of its
+    weights and config, and (when it belongs to a run) the run, objective, strategy and config hash."""
+    from inspo_core.fingerprint import model_fingerprint
+    from inspo_core.rundir import RunDir
+
+    run = RunDir.of_model(model_dir)
+    conf = run.read_config() if run else {}
+    return {"checkpoint": str(Path(model_dir).resolve()), "fingerprint": model_fingerprint(str(model_dir)),
+            "run": str(run.path.resolve()) if run else None, "objective": conf.get("objective"),
+            "strategy": conf.get("strategy"), "config_hash": run.config_hash() if run else None}
+
+
+def judgement_key(**what) -> str:
+    """A judgement's identity: a hash of everything that determines it (checkpoint identities, prompt
+    text, both answers, sampling settings, the judge and its settings)."""
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 class JudgementLog:
-    """Judgements appended to a JSONL file as they finish; a rerun skips keys already judged."""
+    """Judgements appended to a JSONL file as they finish, keyed by `judgement_key`: a rerun reuses
+    exactly the judgements of the same comparison and nothing else."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -95,17 +116,19 @@ class JudgementLog:
         self.done[j.key] = j
 
 
-def judge_all(judge, items: list[tuple[str, str, str, str]], log: JudgementLog, progress=None) -> list[Judgement]:
-    """items: (key, prompt, a, b). Judges what `log` lacks; a judge error stops with the rest kept."""
-    out = []
+def judge_all(judge, items: list[tuple[str, str, str, str]], log: JudgementLog, progress=None) -> tuple[list[Judgement], int]:
+    """items: (key, prompt, a, b). Judges what `log` lacks; a judge error stops with the rest kept.
+    Returns the judgements in item order and how many judge calls were made."""
+    out, calls = [], 0
     for key, prompt, a, b in items:
         if key not in log.done:
             prob, why = judge.compare(prompt, a, b)
+            calls += 1
             log.add(Judgement(key, prompt, a, b, float(prob), why))
         out.append(log.done[key])
         if progress:
             progress()
-    return out
+    return out, calls
 
 
 def generate_responses(model_dir: str | Path, prompts: list, n: int, *, temperature: float = 0.7,

@@ -16,6 +16,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import torch
 
@@ -36,6 +37,12 @@ class OracleJudge:
     def __init__(self, world):
         self.world = world
 
+    def identity(self) -> dict:
+        return {"judge": self.name, "world": self.world.cfg.key()}
+
+    def check(self) -> None:
+        pass
+
     def compare(self, prompt: str, a: str, b: str) -> tuple[float, str]:
         p = self.world.preference(prompt, a, b)
         ya, yb = self.world.parse(a), self.world.parse(b)
@@ -55,6 +62,15 @@ class RewardModelJudge:
         if self.model.config.num_labels != 1:
             raise ValueError(f"{path}: a reward model has num_labels=1, this one has {self.model.config.num_labels}")
         self.device = device
+        self.path = path
+
+    def identity(self) -> dict:
+        from inspo_core.fingerprint import model_fingerprint
+
+        return {"judge": self.name, "model": model_fingerprint(self.path)}
+
+    def check(self) -> None:
+        pass
 
     @torch.no_grad()
     def reward(self, prompt: str, response: str) -> float:
@@ -89,7 +105,16 @@ class LLMJudge:
         self.tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = load_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
         self.device = device
+        self.path = path
         self.label_ids = {lab: self._label_ids(lab) for lab in ("a", "b")}
+
+    def identity(self) -> dict:
+        from inspo_core.fingerprint import model_fingerprint
+
+        return {"judge": self.name, "model": model_fingerprint(self.path), "prompt": JUDGE_PROMPT}
+
+    def check(self) -> None:
+        pass
 
     def _label_ids(self, label: str) -> list[int]:
         ids = set()
@@ -141,6 +166,25 @@ class HTTPJudge:
 
     def __repr__(self) -> str:  # never show the key
         return f"HTTPJudge(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self._key else 'unset'})"
+
+    def identity(self) -> dict:
+        return {"judge": self.name, "base_url": self.base_url, "model": self.model, "both_orders": self.both_orders,
+                "prompt": JUDGE_PROMPT}
+
+    def check(self) -> None:
+        """Reach the server once (GET /models) before any work is spent on sampling: an unreachable
+        judge is a JudgeError now, not after every answer has been generated."""
+        url = f"{self.base_url}/models"
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=min(self.timeout, 10)):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered: reachable (some servers have no /models)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise JudgeError(f"judge at {self.base_url} is not reachable ({type(reason).__name__}: {reason}); "
+                             "start it or fix INSPO_JUDGE_BASE_URL / --judge_url") from None
 
     def _post(self, payload: dict) -> dict:
         url = f"{self.base_url}/chat/completions"
@@ -194,20 +238,43 @@ class HTTPJudge:
         return (p1 + 1 - p2) / 2, f"a first: {t1!r} (P(a)={p1:.3f}); b first: {t2!r} (P(b)={p2:.3f})"
 
 
+@dataclass(frozen=True)
+class JudgeSpec:
+    name: str
+    summary: str
+    needs_world: bool = False  # only for checkpoints of a synthetic world
+    needs_model: bool = False  # a local model directory (--judge_model)
+    needs_url: bool = False  # an OpenAI-compatible server
+
+
+JUDGES: dict[str, JudgeSpec] = {j.name: j for j in [
+    JudgeSpec("oracle", "the world's exact preference (world checkpoints only)", needs_world=True),
+    JudgeSpec("reward_model", "sigma(r(a) - r(b)) from a sequence-classification reward model", needs_model=True),
+    JudgeSpec("llm", "a local causal LM asked which answer is better, both orders", needs_model=True),
+    JudgeSpec("http", "an OpenAI-compatible judge server (INSPO_JUDGE_BASE_URL)", needs_url=True),
+]}
+
+
+def available_judges(*, world=None, judge_model: str | None = None, url: str | None = None) -> list[str]:
+    """Names of the judges that can run with what is at hand (a world, a judge model, a URL)."""
+    url = url or os.environ.get("INSPO_JUDGE_BASE_URL")
+    return [n for n, j in JUDGES.items() if (not j.needs_world or world is not None)
+            and (not j.needs_model or bool(judge_model)) and (not j.needs_url or bool(url))]
+
+
 def make_judge(kind: str, *, world=None, path: str | None = None, base_url: str | None = None,
                model: str | None = None, trust_remote_code: bool = False):
+    if kind not in JUDGES:
+        raise ValueError(f"unknown judge {kind!r}; valid: {', '.join(JUDGES)}")
+    spec = JUDGES[kind]
+    if spec.needs_world and world is None:
+        raise ValueError("the oracle judge needs a world: it judges only checkpoints trained in a synthetic world")
+    if spec.needs_model and not path:
+        raise ValueError(f"the {kind} judge needs --judge_model PATH")
     if kind == "oracle":
-        if world is None:
-            raise ValueError("the oracle judge needs a world (world checkpoints or --world)")
         return OracleJudge(world)
-    if kind in ("reward_model", "llm"):
-        if not path:
-            raise ValueError(f"the {kind} judge needs --judge_model PATH")
-        cls = RewardModelJudge if kind == "reward_model" else LLMJudge
-        return cls(path, trust_remote_code=trust_remote_code)
-    if kind == "http":
-        return HTTPJudge(base_url, model)
-    raise ValueError(f"unknown judge {kind!r}; valid: oracle, reward_model, llm, http")
-
-
-JUDGES = ("oracle", "reward_model", "llm", "http")
+    if kind == "reward_model":
+        return RewardModelJudge(path, trust_remote_code=trust_remote_code)
+    if kind == "llm":
+        return LLMJudge(path, trust_remote_code=trust_remote_code)
+    return HTTPJudge(base_url, model)

@@ -2,10 +2,9 @@
 
 The key hashes the reference model's identity, the exact token sequences scored (so the data,
 the builder settings and the views are all covered) and the compute dtype. The identity of a model
-is its `config.json` plus the full content of every weight file (a hub model is first resolved to
-its downloaded snapshot, i.e. its commit), never a name or a sample of the bytes: a reference whose
-middle weights changed, or whose config changed with the same weights, misses. Full-file hashes are
-memoised by (path, size, mtime, inode), so a 15 GB checkpoint is read once, not on every run.
+is `inspo_core.fingerprint.model_fingerprint`: its config plus the full content of every weight
+file (a hub model resolved to its downloaded snapshot, i.e. its commit), never a name or a sample of
+the bytes, so a reference whose middle weights or whose config changed misses.
 
 Values are [N] fp32 tensors per reference view in pair order, stored as safetensors with a checksum
 of the values in the header; a damaged file (truncated, or values changed) is reported and
@@ -23,13 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from inspo_core.atomic import atomic_path, atomic_write_text
+from inspo_core.atomic import atomic_path
 from inspo_core.conditioning import BuiltPair
+from inspo_core.fingerprint import model_fingerprint
 from inspo_core.strategies import View
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-# config.json keys that do not change what the model computes
-VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
 
 
 @dataclass
@@ -38,61 +35,6 @@ class RefStats:
     cache_hit: bool = False
     path: str = ""
     note: str = ""  # why a cache file was not used, when it existed
-
-
-# ---- model identity --------------------------------------------------------------------------------
-
-def local_model_dir(name_or_path: str) -> Path:
-    """The directory holding a model's files: the path itself, or for a hub name its downloaded
-    snapshot (`<hf cache>/models--org--name/snapshots/<commit>`), which names the commit."""
-    p = Path(name_or_path)
-    if p.is_dir():
-        return p
-    from transformers.utils import cached_file
-
-    try:
-        config = cached_file(name_or_path, "config.json")
-    except OSError as e:
-        raise ValueError(f"cannot resolve {name_or_path!r} to local files to fingerprint it: {e}") from None
-    return Path(config).parent
-
-
-def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
-    """sha256 of a file's bytes, memoised under `memo_dir` by (real path, size, mtime, inode)."""
-    real = path.resolve()
-    st = real.stat()
-    memo_key = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
-    memo = memo_dir / f"{memo_key}.sha256" if memo_dir is not None else None
-    if memo is not None and memo.is_file():
-        return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None:
-        atomic_write_text(memo, digest)
-    return digest
-
-
-def model_fingerprint(name_or_path: str, memo_dir: str | Path | None = None) -> str:
-    """Identity of a saved model: its config (volatile keys left out) and every weight file's full
-    content. A hub name is resolved to its snapshot first, so the commit is covered."""
-    d = local_model_dir(name_or_path)
-    files = sorted({f for pat in WEIGHT_PATTERNS for f in d.glob(pat)})
-    if not files:
-        raise ValueError(f"no weight files ({', '.join(WEIGHT_PATTERNS)}) in {d}")
-    h = hashlib.sha256()
-    conf = d / "config.json"
-    if conf.is_file():
-        doc = json.loads(conf.read_text())
-        for k in VOLATILE_CONFIG_KEYS:
-            doc.pop(k, None)
-        h.update(json.dumps(doc, sort_keys=True).encode())
-    memo = Path(memo_dir) if memo_dir is not None else None
-    for f in files:
-        h.update(f"{f.name}:{file_sha256(f, memo)}".encode())
-    return h.hexdigest()[:32]
 
 
 def sequences_fingerprint(pairs: list[BuiltPair], views: list[View]) -> str:

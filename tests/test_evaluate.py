@@ -56,8 +56,8 @@ def test_judgements_are_kept_when_the_judge_fails_and_a_rerun_resumes(tmp_path):
         judge_all(FlakyJudge(fail_at=6), items, log)
     assert len(JudgementLog(tmp_path / "j.jsonl").done) == 5  # the five finished ones are on disk
     judge = FlakyJudge()
-    resumed = judge_all(judge, items, JudgementLog(tmp_path / "j.jsonl"))
-    assert judge.calls == 5 and len(resumed) == 10  # only the missing ones were judged again
+    resumed, calls = judge_all(judge, items, JudgementLog(tmp_path / "j.jsonl"))
+    assert judge.calls == calls == 5 and len(resumed) == 10  # only the missing ones were judged again
     s = summarize(resumed, n_boot=100)
     assert s["n"] == 10 and s["wins"] + s["losses"] + s["ties"] == 10
     # a line cut by a crash is judged again rather than breaking the rerun

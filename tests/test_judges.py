@@ -1,6 +1,7 @@
 """Judges, `workbench serve`, and the HTTP judge against the real server and against failures."""
 
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -43,12 +44,45 @@ def test_oracle_judge():
     assert p == 1.0 and "apple vs unparseable" in why
 
 
-def test_llm_judge_is_antisymmetric_over_both_orders(judge_dir):
+class RiggedLM(torch.nn.Module):
+    """Stands in for the judge LM: last-position logits `hi` for every token of the label whose output
+    section mentions "apple" and `lo` for the other label's tokens (-30 elsewhere); with
+    `always_a`, label a gets `hi` whatever the content (a judge with pure position bias)."""
+
+    def __init__(self, tok, label_ids, hi, lo, always_a=False):
+        super().__init__()
+        self.tok, self.label_ids, self.hi, self.lo, self.always_a = tok, label_ids, hi, lo, always_a
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        text = self.tok.decode(input_ids[0])
+        first = text.split("Output (a)")[1].split("Output (b)")[0]
+        winner = "a" if self.always_a or "apple" in first else "b"
+        logits = torch.full((1, input_ids.shape[1], len(self.tok)), -30.0)
+        for lab, ids in self.label_ids.items():
+            logits[0, -1, ids] = self.hi if lab == winner else self.lo
+        return SimpleNamespace(logits=logits)
+
+
+def test_llm_judge_reads_the_label_probabilities(judge_dir):
+    """P(a better) from rigged label logits, by hand: with k_a tokens for 'a' at logit 3 and k_b for
+    'b' at 0, the apple answer wins each order with k_a e^3 / (k_a e^3 + k_b) (or the mirror when it
+    is shown second), and compare() averages the two orders."""
+    import math
+
     judge = LLMJudge(str(judge_dir))
+    ka, kb = len(judge.label_ids["a"]), len(judge.label_ids["b"])
+    judge.model = RiggedLM(judge.tok, judge.label_ids, 3.0, 0.0)
+    first = ka * math.exp(3) / (ka * math.exp(3) + kb)  # apple shown as (a): label a has logit 3
+    second = kb * math.exp(3) / (kb * math.exp(3) + ka)  # apple shown as (b): label b has logit 3
     p, why = judge.compare("Name a fruit.", "Take the apple.", "The sea is blue.")
+    assert p == pytest.approx((first + second) / 2, abs=1e-6)
     q, _ = judge.compare("Name a fruit.", "The sea is blue.", "Take the apple.")
-    assert 0 < p < 1 and p + q == pytest.approx(1.0, abs=1e-6)
+    assert q == pytest.approx(1 - (first + second) / 2, abs=1e-6)
     assert "shown first" in why
+    judge.model = RiggedLM(judge.tok, judge.label_ids, 4.0, -1.0, always_a=True)
+    assert judge.compare("Name a fruit.", "Take the apple.", "The sea is blue.")[0] == pytest.approx(0.5, abs=1e-9)
 
 
 def test_reward_model_judge(tmp_path):
@@ -100,13 +134,31 @@ def test_serve_matches_the_local_model(served, judge_dir):
     assert e.value.code == 401
 
 
-def test_http_judge_against_workbench_serve(served, monkeypatch):
+def test_http_judge_against_workbench_serve(served, monkeypatch, judge_dir):
+    """The HTTP judge's P(a) equals the one computed here from the served model's own label
+    probabilities (top_logprobs over 'a'/'b' tokens), in both orders."""
     monkeypatch.setenv("INSPO_JUDGE_BASE_URL", served)
     monkeypatch.setenv("INSPO_JUDGE_API_KEY", "sk-test-secret")
     judge = HTTPJudge()
     p, why = judge.compare("Name a fruit.", "Take the apple.", "The sea is blue.")
-    q, _ = judge.compare("Name a fruit.", "The sea is blue.", "Take the apple.")
-    assert 0 <= p <= 1 and p + q == pytest.approx(1.0, abs=1e-9)
+    local = LLMJudge(str(judge_dir))
+
+    def label_prob(a, b):  # P('a') renormalised over the single-token spellings of a and b in the top 20
+        from inspo_core.judges import JUDGE_PROMPT
+
+        text = local.tok.apply_chat_template([{"role": "user", "content": JUDGE_PROMPT.format(
+            instruction="Name a fruit.", a=a, b=b)}], add_generation_prompt=True, tokenize=False)
+        enc = local.tok(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(local.model(**enc).logits[0, -1], -1)
+        top = logp.topk(20).indices.tolist()
+        name = lambda i: local.tok.decode([i]).strip().lower().strip("()")  # noqa: E731
+        pa = sum(logp[i].exp().item() for i in top if name(i) == "a")
+        pb = sum(logp[i].exp().item() for i in top if name(i) == "b")
+        return pa / (pa + pb)
+
+    want = (label_prob("Take the apple.", "The sea is blue.") + 1 - label_prob("The sea is blue.", "Take the apple.")) / 2
+    assert p == pytest.approx(want, abs=1e-4)
     assert "sk-test-secret" not in repr(judge) and "sk-test-secret" not in why
 
 
@@ -116,7 +168,7 @@ class Stub(BaseHTTPRequestHandler):
 
     def do_POST(self):
         type(self).hits += 1
-        self.rfile.read(int(self.headers["Content-Length"]))
+        self.rfile_body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.mode == "500":
             self.send_response(500)
             self.end_headers()
@@ -127,8 +179,19 @@ class Stub(BaseHTTPRequestHandler):
             return
         if self.mode == "slow":
             time.sleep(1.5)
-        body = b"this is not json" if self.mode == "garbage" else json.dumps(
-            {"choices": [{"message": {"content": "b" if self.mode == "ok" else "maybe"}}]}).encode()
+        if self.mode in ("rigged", "always_a"):
+            prompt = json.loads(self.rfile_body)["messages"][0]["content"]
+            apple_first = "apple" in prompt.split("Output (a)")[1].split("Output (b)")[0]
+            # label probabilities: 0.8 / 0.1 for the apple side's label, 0.1 to an unrelated token
+            pa, pb = (0.8, 0.1) if apple_first or self.mode == "always_a" else (0.1, 0.8)
+            top = [{"token": "a", "logprob": math.log(pa)}, {"token": " B", "logprob": math.log(pb)},
+                   {"token": "x", "logprob": math.log(0.1)}]
+            body = json.dumps({"choices": [{"message": {"content": "a" if pa > pb else "b"},
+                                            "logprobs": {"content": [{"token": "a", "logprob": 0.0,
+                                                                      "top_logprobs": top}]}}]}).encode()
+        else:
+            body = b"this is not json" if self.mode == "garbage" else json.dumps(
+                {"choices": [{"message": {"content": "b" if self.mode == "ok" else "maybe"}}]}).encode()
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -165,6 +228,19 @@ def test_http_judge_failures_are_clear(stub, monkeypatch, mode, match, hits):
     with pytest.raises(JudgeError, match=match) as e:
         judge.compare("p", "a", "b")
     assert Stub.hits == hits and "sk-never-shown" not in str(e.value)
+
+
+def test_http_judge_reads_label_probabilities(stub):
+    """From rigged top_logprobs: P(label a) = 0.8 / (0.8 + 0.1) when the apple answer is shown first,
+    0.1 / 0.9 when second (' B' counts as b, 'x' is ignored); both orders average to 8/9. A judge
+    that always says 'a' gives 0.5."""
+    _, url = stub
+    Stub.mode = "rigged"
+    p, _ = HTTPJudge(url).compare("p", "Take the apple.", "The sea.")
+    assert p == pytest.approx(8 / 9, abs=1e-9)
+    assert HTTPJudge(url, both_orders=False).compare("p", "The sea.", "Take the apple.")[0] == pytest.approx(1 / 9)
+    Stub.mode = "always_a"
+    assert HTTPJudge(url).compare("p", "Take the apple.", "The sea.")[0] == pytest.approx(0.5, abs=1e-9)
 
 
 def test_http_judge_text_answer_and_server_down(stub, monkeypatch):

@@ -194,14 +194,54 @@ def test_one_sided_variants():
     assert_close(paper, nls(0.1 * m2.item()))
 
 
+# The views each strategy feeds the objective, written out from the paper (Sec. 5.3, Table 4),
+# independently of inspo_core.strategies: (weight, chosen view, rejected view).
+PAPER_TERMS = {
+    "none": [(1.0, W_PLAIN, L_PLAIN)],
+    "symmetric": [(1.0, W_GIVEN_L, L_GIVEN_W)],  # eq. 10 / 16
+    "one_sided": [(1.0, W_GIVEN_L, L_PLAIN)],
+    "one_sided_paper": [(1.0, W_GIVEN_L, L_GIVEN_L)],  # Table 4 (ii) as printed
+    "averaged": [(0.5, W_PLAIN, L_PLAIN), (0.5, W_GIVEN_L, L_GIVEN_W)],  # Table 4 (iv), w = 0.5
+}
+
+
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_every_objective_with_every_strategy(objective, strategy):
+    """Values against the scalar formula on the views the paper names for the strategy, with the
+    plain reference pi_ref(y|x) of each target: swapping W|L and L|W, or plain and conditioned
+    views, fails. Exactly the views used are in the graph."""
     pol = {v: t.clone().requires_grad_(True) for v, t in view_logps(0).items()}
-    out = strategy_loss(objective, strategy, policy_logps=pol, ref_logps=view_logps(1), lengths=LENGTHS)
-    assert out.losses.shape == (3,) and torch.isfinite(out.losses).all()
+    ref = view_logps(1)
+    out = strategy_loss(objective, strategy, policy_logps=pol, ref_logps=ref, lengths=LENGTHS)
+    hp = resolve_hparams(objective, {})
+    for i in range(3):
+        lc, lr = LENGTHS["chosen"][i].item(), LENGTHS["rejected"][i].item()
+        want = sum(wt * scalar_loss(objective, pol[c][i].item(), pol[r][i].item(), ref[c.plain][i].item(),
+                                    ref[r.plain][i].item(), lc, lr, hp)
+                   for wt, c, r in PAPER_TERMS[strategy])
+        assert_close(out.losses[i].item(), want, atol=1e-9, rtol=1e-9)
     out.losses.sum().backward()
-    assert any(t.grad is not None and t.grad.abs().sum() > 0 for t in pol.values())
+    used = {v for _, c, r in PAPER_TERMS[strategy] for v in (c, r)}
+    for v, t in pol.items():
+        assert (t.grad is not None) == (v in used), v  # in the graph exactly when used (a hinge may be flat)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_length_normalize_against_the_scalar_formulas(name):
+    """With length_normalize, objectives whose formula is on sums see per-token means of policy and
+    reference (eq. 12/13); objectives that divide by |y| themselves refuse the flag instead of
+    dividing twice."""
+    c, r, rc, rr, lc, lr = tensors()
+    kw = dict(chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc, ref_rejected_logps=rr, chosen_lengths=lc,
+              rejected_lengths=lr, length_normalize=True)
+    if OBJECTIVES[name].normalizes_itself:
+        with pytest.raises(ValueError, match="already divides by \\|y\\|"):
+            preference_loss(name, **kw)
+        return
+    hp = resolve_hparams(name, {})
+    want = [scalar_loss(name, c_ / l_c, r_ / l_r, rc_ / l_c, rr_ / l_r, l_c, l_r, hp) for c_, r_, rc_, rr_, l_c, l_r in EX]
+    assert_close(preference_loss(name, **kw).losses, torch.tensor(want, dtype=torch.float64), atol=1e-9, rtol=1e-9)
 
 
 def test_reflection_gain():

@@ -29,11 +29,19 @@ def demo(tmp_path_factory):
 def test_demo_fast_end_to_end(demo):
     out, res = demo
     summary = json.loads((out / "runs" / "summary.json").read_text())
-    assert {r["strategy"] for r in summary["runs"]} == {"none", "symmetric"} and len(summary["runs"]) == 4
+    trained = [r for r in summary["runs"] if r["run_dir"]]
+    assert {r["strategy"] for r in trained} == {"none", "symmetric"} and len(trained) == 4
+    # pi_ref is a measured row, sampled like the trained models (one per seed), not a printed 0.5
+    refs = [r for r in summary["runs"] if r["objective"] == "pi_ref"]
+    assert len(refs) == 2 and [row["objective"] for row in summary["table"]][0] == "pi_ref"
     for r in summary["runs"]:
         lo, hi = r["deployed"]["V_identity_ci"]
         assert 0 <= lo <= r["deployed"]["V_identity"] <= hi <= 1
-        assert (Path(r["run_dir"]) / "eval.json").is_file() and (Path(r["run_dir"]) / "final" / "config.json").is_file()
+    for r in trained:
+        assert (Path(r["run_dir"]) / "final" / "config.json").is_file()
+        ev = json.loads((Path(r["run_dir"]) / "eval.json").read_text())
+        assert ev["strategy"] == r["strategy"] and ev["config_hash"] and ev["sampling"] == {"temperature": 0.7,
+                                                                                           "top_p": 0.95}
     c = summary["ceilings"]["identity"]
     assert c["pi_ref"] == pytest.approx(0.5) and c["pi_star"] >= c["pi_bar"] >= 0.5
     html = (out / "runs" / "report.html").read_text()
@@ -52,11 +60,39 @@ def test_eval_and_compare_on_demo_runs(demo, tmp_path):
     assert doc["judge"] == "oracle" and len(doc["results"]) == 2
     for r in doc["results"].values():
         assert r["n"] == 10 * 4 and 0 <= r["win_rate"] <= 1 and 0 <= r["lc_win_rate"] <= 1
-    assert len(list(tmp_path.glob("judgements-*.jsonl"))) == 2  # written as they land
+    assert (tmp_path / "eval.judgements.jsonl").is_file()  # written as they land
+    for r in doc["results"].values():
+        assert r["judge_calls"] == 40 and r["strategy"] in ("none", "symmetric") and r["fingerprint"]
     res = cli("compare", "--runs", str(out / "runs"), "--output", str(tmp_path / "cmp.html"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "dpo-symmetric-s0" in res.stdout and "eval/reflection_gain" in res.stdout
     assert (tmp_path / "cmp.html").read_text().count("plotly-graph-div") >= 1
+
+
+@pytest.mark.slow
+def test_eval_reuses_exactly_its_own_judgements(demo, tmp_path):
+    """Judgements were keyed by prompt and sample index in a file named after the run folder's last
+    parts: a rerun at another temperature made 0 judge calls, and expA/seed0 and expB/seed0 shared one
+    file. Now a judgement is reused only for the same models, prompt, answers, sampling and judge."""
+    import shutil
+
+    out, _ = demo
+    for exp, run in (("expA", "dpo-none-s0"), ("expB", "dpo-symmetric-s0")):
+        shutil.copytree(out / "runs" / run, tmp_path / exp / "seed0")
+    ckpts = f"{tmp_path / 'expA' / 'seed0'},{tmp_path / 'expB' / 'seed0'}"
+    common = ["--checkpoints", ckpts, "--n_samples", "3", "--n_boot", "50", "--output", str(tmp_path / "eval.json")]
+
+    def calls(*extra):
+        res = cli("eval", *common, *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        doc = json.loads((tmp_path / "eval.json").read_text())
+        return [r["judge_calls"] for r in doc["results"].values()]
+
+    assert calls() == [12, 12]  # 4 prompts x 3 samples each, nothing shared between the two experiments
+    assert calls() == [0, 0]  # the same evaluation again: all reused
+    assert calls("--temperature", "1.0") == [12, 12]  # other sampling: judged afresh
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert doc["sampling"]["temperature"] == 1.0 and doc["judge_identity"]["judge"] == "oracle"
 
 
 def test_sweep_shares_the_reference_cache(tmp_path):

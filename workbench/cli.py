@@ -11,13 +11,7 @@ import importlib
 import sys
 from typing import Any
 
-from apps.config import AppConfig
-from inspo_core.config import TrainConfig, field_types, load_config
-from workbench.bench import BenchConfig
-from workbench.demo import DemoConfig
-from workbench.evaluation import EvalConfig
-from workbench.serve import ServeConfig
-from workbench.sweep import CompareConfig, SweepConfig
+from inspo_core.config import field_types, load_config
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -38,27 +32,34 @@ def config_from_args(cls, args: argparse.Namespace):
     return load_config(cls, args.config, overrides)
 
 
-# name -> (help, config dataclass, "module:function" run with the config; imported only when used)
-COMMANDS: dict[str, tuple[str, Any, str]] = {
+# name -> (help, "module:ConfigDataclass", "module:function" run with the config). Both are imported
+# by name, so the command line depends on no front-end (the app's modules load only for `app`).
+COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("the main job: DPO vs INS-DPO end to end in a synthetic world with an exact oracle (CPU, minutes)",
-             DemoConfig, "workbench.demo:run_demo"),
-    "train": ("one training run (also under `accelerate launch -m workbench train ...`)", TrainConfig,
-              "workbench.train:run_train"),
-    "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", EvalConfig,
+             "workbench.demo:DemoConfig", "workbench.demo:run_demo"),
+    "train": ("one training run (also under `accelerate launch -m workbench train ...`)",
+              "inspo_core.config:TrainConfig", "workbench.train:run_train"),
+    "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", "workbench.evaluation:EvalConfig",
              "workbench.evaluation:run_eval"),
-    "sweep": ("a grid of training runs sharing the reference cache", SweepConfig, "workbench.sweep:run_sweep"),
-    "compare": ("a table and plots over runs", CompareConfig, "workbench.sweep:run_compare"),
-    "bench": ("the performance benchmark: strategies x packing x reference, side by side", BenchConfig,
-              "workbench.bench:run_bench"),
-    "app": ("the Gradio app: arena, batch comparison, training dashboard (127.0.0.1 by default)", AppConfig,
-            "apps.arena:launch"),
-    "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", ServeConfig, "workbench.serve:serve"),
+    "sweep": ("a grid of training runs sharing the reference cache", "workbench.sweep:SweepConfig",
+              "workbench.sweep:run_sweep"),
+    "compare": ("a table and plots over runs", "workbench.sweep:CompareConfig", "workbench.sweep:run_compare"),
+    "bench": ("the performance benchmark: strategies x packing x reference, side by side",
+              "workbench.bench:BenchConfig", "workbench.bench:run_bench"),
+    "app": ("the Gradio app: arena, batch comparison, training dashboard (127.0.0.1 by default)",
+            "apps.config:AppConfig", "apps.arena:launch"),
+    "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", "workbench.serve:ServeConfig",
+              "workbench.serve:serve"),
 }
 
 
+def resolve(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def run_command(target: str, cfg) -> None:
-    module, func = target.split(":")
-    getattr(importlib.import_module(module), func)(cfg)
+    resolve(target)(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, cls, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_config_args(p, cls)
+        add_config_args(p, resolve(cls))
     return parser
 
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _, cls, target = COMMANDS[args.command]
+    cls = resolve(cls)
     from inspo_core.checkpoint import CheckpointError
     from inspo_core.judges import JudgeError
     from inspo_core.trainer import TrainingError

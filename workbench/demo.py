@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ import numpy as np
 
 from inspo_core.config import opt
 from inspo_core.conditioning import BuilderConfig
-from inspo_core.evaluate import write_json
+from inspo_core.evaluate import describe_checkpoint, write_json
+from inspo_core.rundir import RunDir
 from inspo_core.objectives import OBJECTIVES
 from inspo_core.strategies import STRATEGIES
 from inspo_core.worlds.preferences import FAMILIES
@@ -45,9 +45,12 @@ class DemoConfig:
     alpha_draft: float | None = opt(0.4, "cap on the context response as a fraction of max_length (null: none)")
     pretrain_steps: int = opt(300, "steps of pre-training that make the world's pi_ref")
     n_eval: int = opt(300, "samples per prompt when estimating V")
+    temperature: float = opt(0.7, "sampling temperature of every evaluated policy, pi_ref's row included (paper: 0.7)")
+    top_p: float = opt(0.95, "nucleus sampling of every evaluated policy (paper: 0.95)")
     reflective: bool = opt(True, "also measure pi(.|x, y') with y' from pi_ref (the conditioned class)")
     fast: bool = opt(False, "a small configuration for CI and a first look (under 2 minutes)")
     output_dir: str = opt("runs/demo", "where runs, summary.json and report.html go")
+    overwrite: bool = opt(False, "replace an earlier demo's runs and report in output_dir")
     cache_dir: str = opt(".cache/inspo", "pi_ref, pairs and reference log-probs cache")
 
     def __post_init__(self):
@@ -72,18 +75,6 @@ class DemoConfig:
             self.n_eval = min(self.n_eval, 150)
 
 
-def seed_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): a t-interval over seeds (95%), the width that seed-to-seed variation gives."""
-    from statistics import mean, stdev
-
-    t95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    m = mean(values)
-    if len(values) < 2:
-        return m, float("nan"), float("nan")
-    half = t95.get(len(values) - 1, 1.96) * stdev(values) / math.sqrt(len(values))
-    return m, m - half, m + half
-
-
 def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
@@ -91,21 +82,34 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
     from inspo_core.trainer import Trainer
     from inspo_core.worlds.evaluation import reference_samples, theory_ceilings, world_value
     from inspo_core.worlds.token import TokenWorld, TokenWorldConfig, build_reference, sample_pairs
-    from workbench.report import write_demo_report
+    from workbench.report import aggregate, format_table, write_demo_report
 
     t0 = time.time()
     out = Path(cfg.output_dir)
+    if (out / "summary.json").exists() or any(RunDir(d).artifacts() for d in out.glob("*") if d.is_dir()):
+        if not cfg.overwrite:
+            raise ValueError(f"{out} holds an earlier demo; pass --overwrite to replace it, or choose another "
+                             "--output_dir")
     wcfg = TokenWorldConfig(**(world_overrides or {}), family=cfg.family, n_contexts=cfg.n_contexts,
                             n_items=cfg.n_items, strength=cfg.strength,
                             seed=cfg.world_seed, pretrain_steps=min(cfg.pretrain_steps, 200) if cfg.fast else cfg.pretrain_steps)
     world = TokenWorld(wcfg)
     ref_dir = build_reference(world, cfg.cache_dir, log=log)
     wdir = ref_dir.parent
-    ref_texts = reference_samples(world, ref_dir, cfg.n_eval, seed=12345)
+    ref_texts = reference_samples(world, ref_dir, cfg.n_eval, seed=12345)  # the opponents: pi_ref itself (T=1)
     ceilings = theory_ceilings(world, ref_texts)
     log(f"world {cfg.family}: V(pi_bar) = {ceilings['identity']['pi_bar']:.3f}, "
-        f"V(pi_star) = {ceilings['identity']['pi_star']:.3f} (identity; pi_ref is 0.5)")
+        f"V(pi_star) = {ceilings['identity']['pi_star']:.3f} (identity, against pi_ref samples of which "
+        f"{ceilings['opponent_unparseable']:.1%} are unparseable)")
+    builder = BuilderConfig(context_format=cfg.context_format, max_length=cfg.max_length, alpha_draft=cfg.alpha_draft)
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p)
     runs = []
+    for seed in cfg.seeds:  # pi_ref sampled like every trained model: the baseline the others must beat
+        ev = world_value(world, ref_dir, ref_texts, seed=seed, reflective=cfg.reflective, builder=builder, **sampling)
+        runs.append({"name": f"pi_ref-s{seed}", "objective": "pi_ref", "strategy": "-", "seed": seed,
+                     "run_dir": None, **ev})
+    log(f"pi_ref sampled at T={cfg.temperature}, top-p {cfg.top_p}: V = "
+        f"{np.mean([r['deployed']['V_identity'] for r in runs]):.3f} (mean over {len(runs)} seeds)")
     combos = [(o, s, seed) for seed in cfg.seeds for o in cfg.objectives for s in cfg.strategies]
     for i, (objective, strategy, seed) in enumerate(combos, 1):
         pairs = sample_pairs(world, ref_dir, cfg.n_pairs, wdir / f"pairs-{cfg.n_pairs}-s{seed}.jsonl", seed=seed, log=log)
@@ -118,18 +122,20 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
                            context_format=cfg.context_format, max_length=cfg.max_length,
                            alpha_draft=cfg.alpha_draft, val_size=100, dedup=False,
                            eval_every=max(1, cfg.max_steps // 5), log_every=5, output_dir=str(out / name),
-                           cache_dir=cfg.cache_dir)
+                           cache_dir=cfg.cache_dir, overwrite=cfg.overwrite)
         res = Trainer(tcfg).train()
         ev = world_value(world, res.run_dir / "final", ref_texts, seed=seed, reflective=cfg.reflective,
-                         builder=BuilderConfig(context_format=cfg.context_format, max_length=cfg.max_length,
-                                               alpha_draft=cfg.alpha_draft))
-        write_json(res.run_dir / "eval.json", {"judge": "oracle", "world": dataclasses.asdict(wcfg), **ev})
+                         builder=builder, **sampling)
+        write_json(res.run_dir / "eval.json", {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",
+                                               "sampling": sampling, "seed": seed,
+                                               "opponent": "pi_ref samples at T=1, top-p 1",
+                                               "world": dataclasses.asdict(wcfg), **ev})
         runs.append({"name": name, "objective": objective, "strategy": strategy, "seed": seed,
                      "run_dir": str(res.run_dir), **{k: v for k, v in ev.items()}})
         d = ev["deployed"]
         log(f"    V = {d['V_identity']:.3f} [{d['V_identity_ci'][0]:.3f}, {d['V_identity_ci'][1]:.3f}]"
             + (f"; reflective {ev['reflective']['V_identity']:.3f}" if "reflective" in ev else ""))
-    table = aggregate(runs, cfg)
+    table = aggregate(runs)
     summary = {"config": dataclasses.asdict(cfg), "world": dataclasses.asdict(wcfg), "ceilings": ceilings,
                "table": table, "runs": runs, "minutes": (time.time() - t0) / 60}
     write_json(out / "summary.json", summary)
@@ -137,44 +143,6 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
     log(format_table(summary))
     log(f"report: {out / 'report.html'}  ({summary['minutes']:.1f} min)")
     return summary
-
-
-def aggregate(runs: list[dict], cfg: DemoConfig) -> list[dict]:
-    rows = []
-    for o in cfg.objectives:
-        for s in cfg.strategies:
-            mine = [r for r in runs if r["objective"] == o and r["strategy"] == s]
-            row = {"objective": o, "strategy": s, "seeds": len(mine)}
-            for policy in ("deployed", "reflective"):
-                for psi in ("identity", "log_odds"):
-                    vals = [r[policy][f"V_{psi}"] for r in mine if policy in r]
-                    if vals:
-                        row[f"{policy}/V_{psi}"] = seed_interval(vals)
-                vals = [r[policy]["unparseable"] for r in mine if policy in r]
-                if vals:
-                    row[f"{policy}/unparseable"] = float(np.mean(vals))
-            rows.append(row)
-    return rows
-
-
-REFLECTIVE = "reflective pi(.|x,y')"
-
-
-def format_table(summary: dict) -> str:
-    c = summary["ceilings"]["identity"]
-    lines = [f"V(pi) against pi_ref under the oracle, Psi = identity (pi_ref 0.500, pi_bar {c['pi_bar']:.3f}, "
-             f"pi_star {c['pi_star']:.3f}); mean over seeds [95% t-interval]",
-             f"{'objective':<10}{'strategy':<17}{'seeds':>5}  {'deployed (prompt only)':<26}{REFLECTIVE:<26}"
-             f"{'unparseable':>11}"]
-    for r in summary["table"]:
-        def cell(key):
-            if key not in r:
-                return "-"
-            m, lo, hi = r[key]
-            return f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else f"{m:.3f}"
-        lines.append(f"{r['objective']:<10}{r['strategy']:<17}{r['seeds']:>5}  {cell('deployed/V_identity'):<26}"
-                     f"{cell('reflective/V_identity'):<26}{r.get('deployed/unparseable', float('nan')):>11.3f}")
-    return "\n".join(lines)
 
 
 def load_summary(path: str | Path) -> dict:

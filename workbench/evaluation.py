@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inspo_core.config import opt
-from inspo_core.evaluate import JudgementLog, generate_responses, judge_all, summarize, write_json
+from inspo_core.evaluate import (
+    JudgementLog, describe_checkpoint, generate_responses, judge_all, judgement_key, summarize, write_json,
+)
 from inspo_core.judges import JUDGES, make_judge
+from inspo_core.rundir import RunDir, model_dir
 
 
 @dataclass
@@ -33,15 +36,6 @@ class EvalConfig:
             raise ValueError("eval needs at least one checkpoint: --checkpoints runs/a,runs/b")
 
 
-def model_dir(path: str) -> Path:
-    p = Path(path)
-    if (p / "final" / "config.json").is_file():
-        return p / "final"
-    if not (p / "config.json").is_file():
-        raise ValueError(f"{path}: not a checkpoint (no config.json) and not a run directory (no final/)")
-    return p
-
-
 def load_prompts(spec: str, world) -> list:
     if spec == "world":
         if world is None:
@@ -60,6 +54,9 @@ def load_prompts(spec: str, world) -> list:
 
 
 def run_eval(cfg: EvalConfig, log=print) -> dict:
+    """Sample every checkpoint and the baseline on the same prompts and seeds, judge each answer
+    against the baseline's, write eval.json. Judgements are keyed by what was judged (both models'
+    identities, prompt, answers, sampling, judge), so a rerun reuses exactly its own finished work."""
     from inspo_core.worlds.token import world_of
 
     ckpts = [model_dir(c) for c in cfg.checkpoints]
@@ -67,37 +64,46 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     world, ref_dir = found if found else (None, None)
     if cfg.baseline == "ref":
         if ref_dir is None:
-            import yaml
-
-            conf = ckpts[0].parent / "config.yaml"
-            if not conf.is_file():
-                raise ValueError("baseline 'ref' needs a run directory (its config.yaml names the starting model)")
-            ref_dir = Path(yaml.safe_load(conf.read_text())["resolved_model"])
+            run = RunDir.of_model(ckpts[0])
+            resolved = run.read_config().get("resolved_model") if run else None
+            if not resolved:
+                raise ValueError("baseline 'ref' needs a run directory (its config.yaml names the starting model); "
+                                 "give --baseline PATH instead")
+            ref_dir = Path(resolved)
         baseline = ref_dir
     else:
         baseline = model_dir(cfg.baseline)
     prompts = load_prompts(cfg.prompts, world)
     judge = make_judge(cfg.judge, world=world, path=cfg.judge_model, base_url=cfg.judge_url,
                        trust_remote_code=cfg.trust_remote_code)
+    judge.check()  # an unreachable judge stops here, before any sampling
     out_path = Path(cfg.output) if cfg.output else ckpts[0].parent / "eval.json"
-    gen = dict(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-               seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    gen = dict(n=cfg.n_samples, trust_remote_code=cfg.trust_remote_code, **sampling)
+    base_id = describe_checkpoint(baseline)
+    judge_id = judge.identity()
     log(f"sampling {cfg.n_samples} x {len(prompts)} responses from the baseline {baseline}")
     base = generate_responses(baseline, prompts, **gen)
+    jlog = JudgementLog(out_path.with_name(out_path.stem + ".judgements.jsonl"))
     results = {}
     for ck in ckpts:
+        ck_id = describe_checkpoint(ck)
         log(f"sampling and judging {ck}")
         cand = generate_responses(ck, prompts, **gen)
-        items = [(f"{i}:{k}", prompts[i], a, b) for i in range(len(prompts))
-                 for k, (a, b) in enumerate(zip(cand[i], base[i]))]
-        jlog = JudgementLog(out_path.with_name(f"judgements-{ck.parent.name}-{ck.name}-{cfg.judge}.jsonl"))
-        judged = judge_all(judge, [(key, p if isinstance(p, str) else json.dumps(p), a, b) for key, p, a, b in items],
-                           jlog)
-        results[str(ck)] = summarize(judged, n_boot=cfg.n_boot, seed=cfg.seed)
-        r = results[str(ck)]
+        items = []
+        for i, prompt in enumerate(prompts):
+            text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+            for k, (a, b) in enumerate(zip(cand[i], base[i])):
+                key = judgement_key(candidate=ck_id["fingerprint"], baseline=base_id["fingerprint"], prompt=text,
+                                    sample=k, a=a, b=b, sampling=sampling, judge=judge_id)
+                items.append((key, text, a, b))
+        judged, calls = judge_all(judge, items, jlog)
+        r = summarize(judged, n_boot=cfg.n_boot, seed=cfg.seed)
+        results[str(ck)] = {**ck_id, **r, "judge_calls": calls, "reused": len(items) - calls}
         log(f"  win rate {r['win_rate']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}], "
-            f"LC {r['lc_win_rate']:.3f}")
-    doc = {"judge": cfg.judge, "baseline": str(baseline), "prompts": len(prompts), "n_samples": cfg.n_samples,
+            f"LC {r['lc_win_rate']:.3f} ({calls} judge calls, {len(items) - calls} reused)")
+    doc = {"judge": cfg.judge, "judge_identity": judge_id, "baseline": str(baseline), "baseline_identity": base_id,
+           "prompts": len(prompts), "prompts_source": cfg.prompts, "n_samples": cfg.n_samples, "sampling": sampling,
            "temperature": cfg.temperature, "top_p": cfg.top_p, "results": results}
     write_json(out_path, doc)
     log(f"wrote {out_path}")

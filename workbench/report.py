@@ -1,100 +1,75 @@
-"""Self-contained HTML reports (plotly, inlined so they open offline)."""
+"""Results as people read them: the demo's table (means and t-intervals over seeds) and the
+self-contained HTML reports (plotly inlined, so they open offline)."""
 
 from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
+import numpy as np
 
 from inspo_core.atomic import atomic_write_text
-from inspo_core.rundir import MetricsLog
-
-COLORS = {"none": "#636efa", "symmetric": "#ef553b", "one_sided": "#00cc96", "one_sided_paper": "#ab63fa",
-          "averaged": "#ffa15a"}
-CURVES = [("loss", "training loss"), ("rewards/accuracies", "preference accuracy"), ("rewards/margins", "reward margin")]
+from inspo_core.rundir import RunDir
+from inspo_core.plots import eval_curves, figures_html, page, training_curves, value_bars
 
 
-def line_style(strategy: str) -> dict:
-    """INS variants solid, the plain baseline dashed (as the paper's Figure 2)."""
-    return {"color": COLORS.get(strategy, "#333"), "dash": "dash" if strategy == "none" else "solid"}
+def seed_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): a Student-t interval over seeds, the width that seed-to-seed variation gives."""
+    from statistics import mean, stdev
+
+    from scipy.stats import t
+
+    m = mean(values)
+    if len(values) < 2:
+        return m, float("nan"), float("nan")
+    half = t.ppf((1 + level) / 2, len(values) - 1) * stdev(values) / math.sqrt(len(values))
+    return m, m - half, m + half
 
 
-def training_curves(runs: list[dict]) -> go.Figure:
-    """runs: dicts with name, strategy, run_dir."""
-    fig = make_subplots(rows=1, cols=len(CURVES), subplot_titles=[t for _, t in CURVES])
-    shown = set()
-    for run in runs:
-        rows = [r for r in MetricsLog(Path(run["run_dir"]) / "metrics.jsonl").rows() if "loss" in r]
-        for col, (key, _) in enumerate(CURVES, 1):
-            fig.add_trace(go.Scatter(
-                x=[r["step"] for r in rows], y=[r[key] for r in rows], mode="lines", name=run["strategy"],
-                legendgroup=run["strategy"], showlegend=run["strategy"] not in shown and col == 1,
-                line=line_style(run["strategy"]), opacity=0.8, hovertext=run["name"]), row=1, col=col)
-        shown.add(run["strategy"])
-    fig.update_layout(height=360, margin=dict(t=40, b=30), legend_title="strategy")
-    fig.update_xaxes(title_text="step")
-    return fig
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (objective, strategy) in order of appearance (pi_ref's row first): means and
+    t-intervals over seeds."""
+    rows = []
+    for o, s in dict.fromkeys((r["objective"], r["strategy"]) for r in runs):
+        mine = [r for r in runs if r["objective"] == o and r["strategy"] == s]
+        row = {"objective": o, "strategy": s, "seeds": len(mine)}
+        for policy in ("deployed", "reflective"):
+            for psi in ("identity", "log_odds"):
+                vals = [r[policy][f"V_{psi}"] for r in mine if policy in r]
+                if vals:
+                    row[f"{policy}/V_{psi}"] = seed_interval(vals)
+            vals = [r[policy]["unparseable"] for r in mine if policy in r]
+            if vals:
+                row[f"{policy}/unparseable"] = float(np.mean(vals))
+        rows.append(row)
+    return rows
 
 
-def eval_curves(runs: list[dict], key: str = "eval/reflection/gain", title: str = "reflection gain") -> go.Figure:
-    fig = go.Figure()
-    shown = set()
-    for run in runs:
-        rows = [r for r in MetricsLog(Path(run["run_dir"]) / "metrics.jsonl").rows() if key in r]
-        if rows:
-            fig.add_trace(go.Scatter(x=[r["step"] for r in rows], y=[r[key] for r in rows], mode="lines+markers",
-                                     name=run["strategy"], legendgroup=run["strategy"],
-                                     showlegend=run["strategy"] not in shown, line=line_style(run["strategy"]),
-                                     hovertext=run["name"]))
-            shown.add(run["strategy"])
-    fig.update_layout(height=320, title=f"{title} on the validation pairs: mean of log pi(y|x,y_alt) - log pi(y|x)",
-                      xaxis_title="step", yaxis_title="nats", margin=dict(t=50, b=30))
-    return fig
+REFLECTIVE = "reflective pi(.|x,y')"
 
 
-def value_bars(summary: dict, psi: str = "identity") -> go.Figure:
-    fig = go.Figure()
-    for policy, pattern in (("deployed", ""), ("reflective", "/")):
-        xs, ys, lo, hi = [], [], [], []
-        for r in summary["table"]:
-            key = f"{policy}/V_{psi}"
-            if key in r:
-                m, a, b = r[key]
-                xs.append(f"{r['objective']} {r['strategy']}")
-                ys.append(m)
-                lo.append(m - a if a == a else 0)
-                hi.append(b - m if b == b else 0)
-        if xs:
-            fig.add_trace(go.Bar(x=xs, y=ys, name=f"{policy}" + (" (prompt only)" if policy == "deployed" else
-                                                                  " pi(.|x,y')"),
-                                 error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo),
-                                 marker_pattern_shape=pattern))
-    c = summary["ceilings"][psi]
-    for name, dash in (("pi_ref", "dot"), ("pi_bar", "dash"), ("pi_star", "solid")):
-        fig.add_hline(y=c[name], line_dash=dash, annotation_text=f"V({name}) = {c[name]:.3f}",
-                      annotation_position="top left")
-    fig.update_layout(barmode="group", height=380, title=f"V(pi) against pi_ref, Psi = {psi} "
-                      "(mean over seeds, 95% t-interval)", yaxis_title="V", margin=dict(t=50, b=30))
-    return fig
-
-
-def _page(title: str, parts: list[str]) -> str:
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-            "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-            "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>" + "\n".join(parts) + "</body></html>")
-
-
-def _figs(figs: list[go.Figure]) -> list[str]:
-    return [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+def format_table(summary: dict) -> str:
+    c = summary["ceilings"]["identity"]
+    conf = summary["config"]
+    lines = [f"V(pi): win rate under the oracle (Psi = identity) against y' ~ pi_ref (T=1); every row, pi_ref's own "
+             f"included, sampled at T={conf.get('temperature', 0.7)}, top-p {conf.get('top_p', 0.95)}. Ceilings against "
+             f"the same opponents: pi_bar {c['pi_bar']:.3f}, pi_star {c['pi_star']:.3f}. Mean over seeds [95% t-interval]",
+             f"{'objective':<10}{'strategy':<17}{'seeds':>5}  {'deployed (prompt only)':<26}{REFLECTIVE:<26}"
+             f"{'unparseable':>11}"]
+    for r in summary["table"]:
+        def cell(key):
+            if key not in r:
+                return "-"
+            m, lo, hi = r[key]
+            return f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else f"{m:.3f}"
+        lines.append(f"{r['objective']:<10}{r['strategy']:<17}{r['seeds']:>5}  {cell('deployed/V_identity'):<26}"
+                     f"{cell('reflective/V_identity'):<26}{r.get('deployed/unparseable', float('nan')):>11.3f}")
+    return "\n".join(lines)
 
 
 def write_demo_report(path: str | Path, summary: dict) -> None:
-    from workbench.demo import format_table
-
     cfg, c = summary["config"], summary["ceilings"]["identity"]
     intro = (f"<h1>InSPO Workbench demo: {html.escape(cfg['family'])} world</h1>"
              f"<p>{summary['world']['n_contexts']} prompts, {summary['world']['n_items']} items, "
@@ -106,12 +81,12 @@ def write_demo_report(path: str | Path, summary: dict) -> None:
              "prompt alone; 'reflective' lets the same model see a pi_ref sample y' first (not how it is "
              "deployed: it shows what the conditioned views learned).</p>")
     runs = summary["runs"]
-    figs = _figs([training_curves(runs), value_bars(summary, "identity"), value_bars(summary, "log_odds"),
+    figs = figures_html([training_curves(runs), value_bars(summary, "identity"), value_bars(summary, "log_odds"),
                   eval_curves(runs)])
     table = "<h2>Table</h2><pre>" + html.escape(format_table(summary)) + "</pre>"
     per_run = ("<h2>Runs</h2><table><tr><th>run</th><th>V deployed</th><th>95% CI</th><th>V reflective</th>"
                "<th>unparseable</th></tr>" + "".join(_run_row(r) for r in runs) + "</table>")
-    atomic_write_text(path, _page("InSPO Workbench demo", [intro, figs[0], table, figs[1], figs[2], figs[3], per_run]))
+    atomic_write_text(path, page("InSPO Workbench demo", [intro, figs[0], table, figs[1], figs[2], figs[3], per_run]))
 
 
 def _run_row(r: dict) -> str:
@@ -124,14 +99,10 @@ def _run_row(r: dict) -> str:
 
 def write_runs_report(path: str | Path, run_dirs: list[Path]) -> None:
     """Training curves and evaluation numbers of any runs (used by `workbench compare`)."""
-    import yaml
-
-    runs = []
-    for d in run_dirs:
-        conf = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").exists() else {}
-        runs.append({"name": d.name, "strategy": conf.get("strategy", "?"), "run_dir": str(d)})
-    parts = ["<h1>Runs</h1>"] + _figs([training_curves(runs), eval_curves(runs)])
+    runs = [{"name": d.name, "strategy": RunDir(d).read_config().get("strategy", "?"), "run_dir": str(d)}
+            for d in run_dirs]
+    parts = ["<h1>Runs</h1>"] + figures_html([training_curves(runs), eval_curves(runs)])
     evals = {d.name: json.loads((d / "eval.json").read_text()) for d in run_dirs if (d / "eval.json").exists()}
     if evals:
         parts.append("<h2>eval.json</h2><pre>" + html.escape(json.dumps(evals, indent=1)[:20000]) + "</pre>")
-    atomic_write_text(path, _page("InSPO Workbench runs", parts))
+    atomic_write_text(path, page("InSPO Workbench runs", parts))

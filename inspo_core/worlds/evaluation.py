@@ -94,13 +94,21 @@ def _score(world, texts, ref_texts, n_boot, seed) -> dict:
 
 
 def theory_ceilings(world: TokenWorld, ref_texts: list[list[str]]) -> dict:
-    """V of pi_ref, pi_bar and pi_star computed exactly for the world's P and pi_ref's empirical
-    item distribution (unparseable reference samples dropped)."""
-    ref, _ = item_distribution(world, ref_texts)
-    out = {}
+    """V of pi_ref, pi_bar and pi_star computed exactly against the opponent distribution the
+    measured V uses: pi_ref's item distribution estimated from `ref_texts`, *including* its
+    unparseable samples, which lose to any parseable answer exactly as the oracle scores them.
+
+    With u the unparseable fraction of the opponents and V_p the value against the parseable part:
+    a parseable policy (pi_bar, pi_star) gets (1 - u) V_p + u Psi(1); pi_ref itself, unparseable as
+    often as its opponent, gets (1-u)^2 V_p + u (1-u) (Psi(1) + Psi(0)) + u^2 Psi(1/2)."""
+    ref, u = item_distribution(world, ref_texts)
+    out = {"opponent_unparseable": u}
     for name in ("identity", "log_odds"):
-        psi = lambda q, name=name: psi_values(q)[name]  # noqa: E731  the clipped log-odds of the estimates
-        out[name] = {"pi_ref": th.value(ref, world.P, ref, psi),
-                     "pi_bar": th.value(th.pi_bar(world.P, ref, psi), world.P, ref, psi),
-                     "pi_star": th.value(th.pi_star(world.P, psi), world.P, ref, psi)}
+        psi = lambda q, name=name: psi_values(np.asarray(q, dtype=float))[name]  # noqa: E731  the measured V's Psi
+        win, lose, tie = (float(psi(v)) for v in (1.0, 0.0, 0.5))
+        parseable = lambda v_p: (1 - u) * v_p + u * win  # noqa: E731
+        v_ref = th.value(ref, world.P, ref, psi)
+        out[name] = {"pi_ref": (1 - u) ** 2 * v_ref + u * (1 - u) * (win + lose) + u * u * tie,
+                     "pi_bar": parseable(th.value(th.pi_bar(world.P, ref, psi), world.P, ref, psi)),
+                     "pi_star": parseable(th.value(th.pi_star(world.P, psi), world.P, ref, psi))}
     return out
