@@ -18,6 +18,7 @@ cut to the shortest budget among the views it appears in, so all views share its
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ import torch
 from inspo_core.strategies import View
 
 CONTEXT_FORMATS = ("sep", "raw", "template")
+# how a prompt given as a plain string is rendered: `chat` as one user turn with the tokenizer's chat
+# template and its generation prompt (what an instruct model expects), `plain` as the text itself
+# (with the tokenizer's BOS), `auto` chat when the tokenizer has a template, else plain. Training and
+# generation use the same rule, so the deployed model sees prompts as it was trained on them.
+PROMPT_FORMATS = ("auto", "chat", "plain")
 DEFAULT_TEMPLATE = "\n[Another response to this request, for reflection]\n{alternative}\n[Your response]\n"
 RESPONSES = ("chosen", "rejected")
 
@@ -39,10 +45,21 @@ class BuilderConfig:
     alpha_draft: float | None = 0.4  # None: the alternative is not capped
     sep_token: str | None = None
     template: str = DEFAULT_TEMPLATE
-    exclude_eos: bool = False  # Appendix C.1: drop the final EOS of each target from its log-prob
+    exclude_eos: bool = False  # Appendix C.1: drop the final EOS (end of turn) of each target from its log-prob
+    prompt_format: str = "auto"  # see PROMPT_FORMATS
+
+    @classmethod
+    def from_mapping(cls, conf: dict, **overrides) -> "BuilderConfig":
+        """The builder settings found in a config mapping (a TrainConfig as a dict, a run's
+        config.yaml); other keys are ignored, absent ones take the defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in conf.items() if k in names and not (k == "template" and v is None)}  # None: default
+        return cls(**{**kw, **overrides})
 
     def __post_init__(self):
         problems = []
+        if self.prompt_format not in PROMPT_FORMATS:
+            problems.append(f"prompt_format={self.prompt_format!r}; valid: {', '.join(PROMPT_FORMATS)}")
         if self.context_format not in CONTEXT_FORMATS:
             problems.append(f"context_format={self.context_format!r}; valid: {', '.join(CONTEXT_FORMATS)}")
         if self.max_length < 2:
@@ -63,7 +80,7 @@ class Encoded:
     prompt_ids: list[int]
     target_ids: dict[str, list[int]]  # the response as scored (ends with EOS / end of turn)
     content_ids: dict[str, list[int]]  # the response text alone, used inside contexts
-    ends_with_eos: dict[str, bool]
+    eos_tail: dict[str, int]  # trailing tokens from the final EOS on (EOS + the template's "\n"), 0 if none
     label: str = ""  # how errors name the example: its data file line when known
 
 
@@ -138,6 +155,11 @@ class ConditioningBuilder:
         if not self.views:
             raise ValueError("the builder needs at least one view")
         self.eos_id = tokenizer.eos_token_id
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if config.prompt_format == "chat" and not has_template:
+            raise ValueError("prompt_format='chat' needs a tokenizer with a chat template; set `chat_template` or use "
+                             "prompt_format 'plain'")
+        self.chat_prompts = config.prompt_format == "chat" or (config.prompt_format == "auto" and has_template)
         self.sep_id = self._resolve_sep() if config.context_format == "sep" else None
         pre, post = config.template.split("{alternative}")
         self.template_ids = (self._ids(pre), self._ids(post))
@@ -168,6 +190,8 @@ class ConditioningBuilder:
         for r, text in texts.items():
             if not text.strip():
                 raise ValueError(f"{label}: field {r!r} is empty; fix or drop the row")
+        if isinstance(prompt, str) and self.chat_prompts:
+            prompt = [{"role": "user", "content": prompt}]
         if isinstance(prompt, list):
             prompt_ids, targets = self._encode_chat(prompt, texts, label)
         elif isinstance(prompt, str):
@@ -182,7 +206,7 @@ class ConditioningBuilder:
         if not prompt_ids:
             raise ValueError(f"{label}: field 'prompt' tokenises to nothing")
         content = {r: self._ids(t) for r, t in texts.items()}
-        ends = {r: bool(targets[r]) and targets[r][-1] == self.eos_id for r in RESPONSES}
+        ends = {r: self._eos_tail(targets[r]) for r in RESPONSES}
         return Encoded(index, prompt_ids, targets, content, ends, label)
 
     def _encode_chat(self, messages: list, texts: dict[str, str], label: str):
@@ -209,6 +233,15 @@ class ConditioningBuilder:
                 )
             targets[r] = self._ids(full[len(prompt_text):])
         return prompt_ids, targets
+
+    def _eos_tail(self, target: list[int]) -> int:
+        """How many final tokens are the end of the response: its EOS (end-of-turn) token and, in a chat
+        template, the whitespace the template writes after it. 0 when the target has no final EOS."""
+        if self.eos_id is None or self.eos_id not in target:
+            return 0
+        last = len(target) - 1 - target[::-1].index(self.eos_id)
+        after = target[last + 1 :]
+        return len(target) - last if not after or not self.tok.decode(after).strip() else 0
 
     # ---- layout and truncation ----------------------------------------------------------------
     def _render(self, enc: Encoded, alt: str, keep: int) -> list[int]:
@@ -261,8 +294,9 @@ class ConditioningBuilder:
             truncated = len(targets[r]) < len(full)
             if truncated:
                 flags.add(f"{r}_truncated")
-            drop_eos = self.cfg.exclude_eos and enc.ends_with_eos[r] and not truncated and len(full) > 1
-            loss_lengths[r] = len(targets[r]) - int(drop_eos)
+            tail = enc.eos_tail[r]
+            drop = tail if self.cfg.exclude_eos and tail and not truncated and len(full) > tail else 0
+            loss_lengths[r] = len(targets[r]) - drop
         return BuiltPair(enc.index, enc.prompt_ids, targets, contexts, loss_lengths, flags)
 
     def generation_ids(self, prompt, alternative: str | None = None) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from inspo_core.conditioning import CONTEXT_FORMATS
+from inspo_core.conditioning import CONTEXT_FORMATS, PROMPT_FORMATS
 from inspo_core.objectives import OBJECTIVES, check_length_normalize, resolve_hparams
 from inspo_core.scoring import PACKINGS
 from inspo_core.strategies import REF_CONDITIONING, STRATEGIES
@@ -53,6 +53,9 @@ class TrainConfig:
     w: float = opt(0.5, "weight of the symmetric term in the `averaged` strategy")
     ref_conditioning: str = opt("plain", "reference log-probs: plain pi_ref(y|x) or conditioned like the policy",
                                 choices=list(REF_CONDITIONING))
+    prompt_format: str = opt("auto", "string prompts: chat (a user turn in the chat template), plain (the text), auto "
+                             "(chat when the tokenizer has a template); generation renders prompts the same way",
+                             choices=list(PROMPT_FORMATS))
     context_format: str = opt("sep", "how the alternative is placed before the target", choices=list(CONTEXT_FORMATS))
     sep_token: str | None = opt(None, "separator token for context_format=sep (default: tokenizer's sep, else EOS)")
     template: str | None = opt(None, "text around the alternative for context_format=template, with {alternative}")
@@ -115,6 +118,7 @@ class TrainConfig:
         choice("strategy", list(STRATEGIES))
         choice("ref_conditioning", list(REF_CONDITIONING))
         choice("context_format", list(CONTEXT_FORMATS))
+        choice("prompt_format", list(PROMPT_FORMATS))
         choice("packing", list(PACKINGS))
         if self.objective in OBJECTIVES:
             try:

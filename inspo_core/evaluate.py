@@ -136,10 +136,10 @@ def generate_responses(model_dir: str | Path, prompts: list, n: int, *, temperat
                        trust_remote_code: bool = False) -> list[list[str]]:
     """n sampled responses per prompt (strings or chat message lists) from the prompt alone: the
     deployment setting. Seeded per prompt, so two checkpoints see the same random stream."""
-    from inspo_core.generation import ModelCache, sample_from_ids
+    from inspo_core.generation import ModelCache, prompt_ids, sample_from_ids
 
     model, tok, builder = ModelCache(size=1, trust_remote_code=trust_remote_code).get(model_dir)
-    return [sample_from_ids(model, tok, builder.generation_ids(prompt), seed=seed * 1_000_003 + i,
+    return [sample_from_ids(model, tok, prompt_ids(builder, prompt, max_new_tokens), seed=seed * 1_000_003 + i,
                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
             for i, prompt in enumerate(prompts)]
 

@@ -30,6 +30,32 @@ def sample_from_ids(model, tok, ids: list[int], *, seed: int, **sampling) -> lis
     return [tok.decode(g[x.shape[1]:], skip_special_tokens=True).strip() for g in out]
 
 
+def context_length(model) -> int:
+    """Tokens the model can attend to (its position table), 2048 when the config does not say."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 2048)
+
+
+def rendering_of(model_dir: str | Path, model) -> BuilderConfig:
+    """How prompts (and alternatives) were laid out when `model_dir` was trained: the builder settings
+    of its run's config when it belongs to a run, else the defaults (string prompts in the chat
+    template when the tokenizer has one). `max_length` is the model's context length."""
+    from inspo_core.rundir import RunDir
+
+    run = RunDir.of_model(model_dir)
+    return BuilderConfig.from_mapping(run.read_config() if run else {}, max_length=context_length(model))
+
+
+def prompt_ids(builder: ConditioningBuilder, prompt, max_new_tokens: int, alternative: str | None = None) -> list[int]:
+    """Token ids to generate from; ValueError when the prompt and the answer cannot fit the model's
+    context (the builder's max_length)."""
+    ids = builder.generation_ids(prompt, alternative)
+    limit = builder.cfg.max_length
+    if len(ids) + max_new_tokens > limit:
+        raise ValueError(f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the model's "
+                         f"context of {limit} tokens: shorten it or lower max_new_tokens")
+    return ids
+
+
 class ModelCache:
     """Keeps the last `size` (model, tokenizer, builder) triples loaded; thread-safe."""
 
@@ -50,7 +76,7 @@ class ModelCache:
             raise ValueError(f"{path}: not a model directory (no config.json)")
         tok = load_tokenizer(key, trust_remote_code=self.trust)
         model = load_model(key, dtype=torch.float32, trust_remote_code=self.trust).eval()
-        builder = ConditioningBuilder(tok, BuilderConfig(max_length=10**6), [View("chosen")])
+        builder = ConditioningBuilder(tok, rendering_of(key, model), [View("chosen")])
         with self._lock:
             self._items[key] = (model, tok, builder)
             while len(self._items) > self.size:
@@ -67,7 +93,7 @@ def stream_generate(model, tok, builder, prompt, *, temperature: float = 0.7, to
         def __call__(self, input_ids, scores, **kw):
             return bool(stop is not None and stop.is_set())
 
-    ids = torch.tensor([builder.generation_ids(prompt)])
+    ids = torch.tensor([prompt_ids(builder, prompt, max_new_tokens)])
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                   stopping_criteria=StoppingCriteriaList([_Stop()]),

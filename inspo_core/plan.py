@@ -66,10 +66,8 @@ def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Modul
     if cfg.max_rows:
         train_rows = train_rows[: cfg.max_rows]
     eval_views = tuple(sorted(set(method.policy_views) | (set(PLAIN_VIEWS) if method.conditioned else set())))
-    builder = ConditioningBuilder(tokenizer, BuilderConfig(
-        context_format=cfg.context_format, max_length=cfg.max_length, alpha_draft=cfg.alpha_draft,
-        sep_token=cfg.sep_token, exclude_eos=cfg.exclude_eos, **({"template": cfg.template} if cfg.template else {})),
-        sorted(set(eval_views) | set(method.ref_views)))
+    builder = ConditioningBuilder(tokenizer, BuilderConfig.from_mapping(dataclasses.asdict(cfg)),
+                                  sorted(set(eval_views) | set(method.ref_views)))
     train_pairs, rep = builder.build_all(train_rows, skip_bad=cfg.skip_bad_rows)
     say(f"builder (train): {rep.summary()}")
     val_pairs, vrep = builder.build_all(val_rows, skip_bad=cfg.skip_bad_rows)

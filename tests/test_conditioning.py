@@ -67,7 +67,8 @@ def expected_chat(tok, ex, fmt, view):
 @pytest.mark.parametrize("kind", ["plain", "chat"])
 def test_builder_and_engine_match_slow_path(tokenizer, tiny_model, fmt, kind):
     examples, expect = (PLAIN_EXAMPLES, expected_plain) if kind == "plain" else (CHAT_EXAMPLES, expected_chat)
-    cfg = BuilderConfig(context_format=fmt, max_length=256, alpha_draft=None, template="<<{alternative}>>\n")
+    cfg = BuilderConfig(context_format=fmt, max_length=256, alpha_draft=None, template="<<{alternative}>>\n",
+                        prompt_format="plain" if kind == "plain" else "auto")
     builder = ConditioningBuilder(tokenizer, cfg, ALL_VIEWS)
     pairs, report = builder.build_all(examples)
     assert report.examples == len(examples) and not report.counts
@@ -85,6 +86,26 @@ def test_builder_and_engine_match_slow_path(tokenizer, tiny_model, fmt, kind):
             assert_close(chunked[view][i].item(), want, atol=1e-5, rtol=1e-6)
             assert_close(full[view][i].item(), want, atol=1e-5, rtol=1e-6)
         assert_close(chunked[view], full[view], atol=1e-5, rtol=1e-6)
+
+
+def test_string_prompts_render_as_a_user_turn_when_the_tokenizer_has_a_template(tokenizer):
+    """prompt_format auto: a string prompt becomes one user turn of the chat template with the
+    generation prompt (what an instruct model expects), for training and generation alike; plain
+    keeps the raw text; a tokenizer without a template falls back to plain."""
+    ex = PLAIN_EXAMPLES[0]
+    as_chat = {**ex, "prompt": [{"role": "user", "content": ex["prompt"]}]}
+    auto = ConditioningBuilder(tokenizer, BuilderConfig(), [W_PLAIN, W_GIVEN_L])
+    seq, n = expected_chat(tokenizer, as_chat, "sep", W_PLAIN)
+    assert auto.build(ex).sequence(W_PLAIN)[0] == seq
+    assert auto.generation_ids(ex["prompt"]) == seq[: len(seq) - n]
+    plain = ConditioningBuilder(tokenizer, BuilderConfig(prompt_format="plain"), [W_PLAIN])
+    assert plain.generation_ids(ex["prompt"]) == [tokenizer.bos_token_id] + ids(tokenizer, ex["prompt"])
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    assert ConditioningBuilder(bare, BuilderConfig(), [W_PLAIN]).generation_ids(ex["prompt"]) == \
+        plain.generation_ids(ex["prompt"])
+    with pytest.raises(ValueError, match="prompt_format='chat' needs a tokenizer with a chat template"):
+        ConditioningBuilder(bare, BuilderConfig(prompt_format="chat"), [W_PLAIN])
 
 
 @pytest.mark.parametrize("packing", ["padded", "tree"])
@@ -121,7 +142,7 @@ def test_truncation_rules_table3(tokenizer):
     and keeps its start; each target keeps its start, cut to its tightest view."""
     ex = PLAIN_EXAMPLES[1]
     L, alpha = 64, 0.25
-    builder = ConditioningBuilder(tokenizer, BuilderConfig("raw", max_length=L, alpha_draft=alpha),
+    builder = ConditioningBuilder(tokenizer, BuilderConfig("raw", max_length=L, alpha_draft=alpha, prompt_format="plain"),
                                   [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W])
     pair = builder.build(ex)
     P = 1 + len(ids(tokenizer, ex["prompt"]))
@@ -134,13 +155,13 @@ def test_truncation_rules_table3(tokenizer):
     assert pair.targets["rejected"] == rejected[: L - P - len(pair.contexts["chosen"])]
     assert {"context_capped", "rejected_truncated"} <= pair.flags
     # plain-only strategies do not pay for contexts they never use
-    plain = ConditioningBuilder(tokenizer, BuilderConfig("raw", max_length=L, alpha_draft=alpha), [W_PLAIN, L_PLAIN])
+    plain = ConditioningBuilder(tokenizer, BuilderConfig("raw", max_length=L, alpha_draft=alpha, prompt_format="plain"), [W_PLAIN, L_PLAIN])
     assert plain.build(ex).targets["chosen"] == chosen[: L - P]
 
 
 def test_uncapped_context_is_cut_to_leave_a_target_token(tokenizer):
     ex = {"prompt": "Hi", "chosen": "yes", "rejected": " ".join(["the sea is blue"] * 20)}
-    b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=20, alpha_draft=None), [W_GIVEN_L])
+    b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=20, alpha_draft=None, prompt_format="plain"), [W_GIVEN_L])
     pair = b.build(ex)
     seq, start = pair.sequence(W_GIVEN_L)
     assert len(seq) == 20 and len(seq) - start == 1
@@ -149,8 +170,8 @@ def test_uncapped_context_is_cut_to_leave_a_target_token(tokenizer):
 
 def test_exclude_eos_drops_the_final_token_from_the_score(tokenizer, tiny_model):
     views = [W_PLAIN, L_PLAIN]
-    with_eos = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64), views).build(PLAIN_EXAMPLES[0])
-    no_eos = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64, exclude_eos=True), views).build(PLAIN_EXAMPLES[0])
+    with_eos = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64, prompt_format="plain"), views).build(PLAIN_EXAMPLES[0])
+    no_eos = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64, exclude_eos=True, prompt_format="plain"), views).build(PLAIN_EXAMPLES[0])
     assert no_eos.loss_lengths["chosen"] == with_eos.loss_lengths["chosen"] - 1
     with torch.no_grad():
         a = score_views(tiny_model, [with_eos], views).logps[W_PLAIN]
@@ -158,6 +179,20 @@ def test_exclude_eos_drops_the_final_token_from_the_score(tokenizer, tiny_model)
     seq, start = with_eos.sequence(W_PLAIN)
     eos_term = slow_logp(tiny_model, seq, 1)
     assert_close(a.item() - b.item(), eos_term, atol=1e-5, rtol=0)
+
+
+def test_exclude_eos_in_a_chat_template_drops_the_end_of_turn(tokenizer):
+    """In a chat template the response ends with the EOS (end of turn) and the template's newline:
+    exclude_eos leaves both out of the score, and nothing when the target was truncated."""
+    ex = CHAT_EXAMPLES[0]
+    keep = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64), [W_PLAIN]).build(ex)
+    drop = ConditioningBuilder(tokenizer, BuilderConfig(max_length=64, exclude_eos=True), [W_PLAIN]).build(ex)
+    target = keep.targets["chosen"]
+    assert target[-2:] == [tokenizer.eos_token_id] + ids(tokenizer, "\n")
+    assert drop.targets["chosen"] == target and drop.loss_lengths["chosen"] == len(target) - 2
+    cut = ConditioningBuilder(tokenizer, BuilderConfig(max_length=len(keep.prompt_ids) + 3, exclude_eos=True),
+                              [W_PLAIN]).build(ex)
+    assert cut.loss_lengths["chosen"] == 3
 
 
 # ---- bad input ----------------------------------------------------------------------------------

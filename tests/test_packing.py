@@ -47,7 +47,7 @@ def test_tree_equals_padded_when_truncated(tokenizer, tiny_model, fmt, case):
                 "targets_truncated": dict(max_length=P + 6 + (2 if fmt == "sep" else 0), alpha_draft=0.5)}[case]
     if fmt == "template":  # the template's own tokens need room
         settings["max_length"] += len(tokenizer(BuilderConfig().template)["input_ids"])
-    b = ConditioningBuilder(tokenizer, BuilderConfig(fmt, **settings), ALL)
+    b = ConditioningBuilder(tokenizer, BuilderConfig(fmt, prompt_format="plain", **settings), ALL)
     pairs, report = b.build_all([LONG_PROMPT, PLAIN_EXAMPLES[0], PLAIN_EXAMPLES[1]])
     if case != "draft_cap_small":
         assert report.counts, "the case must actually cut something"

@@ -52,6 +52,9 @@ class TokenWorldConfig:
     # fraction of pre-training samples shown after an unrelated alternative (x [SEP] y' [SEP] y, with
     # y independent of y'), so pi_ref can read the conditioned layout without preferring anything in it
     pretrain_context_frac: float = 0.5
+    # version of the cached pi_ref's layout: bumped when the way pi_ref is built changes, so an older
+    # cache is never reused under new rules (2: plain-text prompts, a tokenizer without a chat template)
+    layout_version: int = 2
 
     def __post_init__(self):
         problems = []
@@ -119,7 +122,7 @@ def build_reference(world: TokenWorld, cache_dir: str | Path, log=print) -> Path
     if (path / "config.json").is_file():
         return path
     log(f"pre-training pi_ref for the {cfg.family} world ({cfg.pretrain_steps} steps) -> {path}")
-    tok = train_tokenizer(world.corpus(), vocab_size=cfg.vocab_size)
+    tok = train_tokenizer(world.corpus(), vocab_size=cfg.vocab_size, chat_template=None)  # prompts are plain text
     model = tiny_llama(len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                        num_heads=max(1, cfg.hidden_size // 16), max_positions=256, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
@@ -162,10 +165,12 @@ def build_reference(world: TokenWorld, cache_dir: str | Path, log=print) -> Path
 
 def sample_responses(model, tok, prompt: str, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
                      max_new_tokens: int = 16, seed: int = 0) -> list[str]:
-    """n sampled completions of one prompt (a single batch, no padding needed)."""
+    """n sampled completions of one prompt (a single batch, no padding needed), the prompt rendered
+    as the conditioning builder renders it in training."""
     from inspo_core.generation import sample_from_ids
 
-    return sample_from_ids(model, tok, tok(prompt)["input_ids"], seed=seed, temperature=temperature, top_p=top_p,
+    ids = ConditioningBuilder(tok, BuilderConfig(), [View("chosen")]).generation_ids(prompt)
+    return sample_from_ids(model, tok, ids, seed=seed, temperature=temperature, top_p=top_p,
                            max_new_tokens=max_new_tokens, n=n)
 
 
