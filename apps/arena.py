@@ -18,11 +18,15 @@ import gradio as gr
 
 from inspo_core.evaluate import Judgement, summarize
 from inspo_core.generation import ModelCache, stream_generate
-from inspo_core.judges import JUDGES, make_judge
-from inspo_core.rundir import MetricsLog
+from inspo_core.judges import available_judges, make_judge
+from inspo_core.rundir import RunDir
 from inspo_core.worlds.token import world_of
 
 from apps.config import AppConfig
+
+
+NO_JUDGE = "none (vote only)"
+VOTES = ("A better", "B better", "Tie", "Both bad")
 
 
 class Workbench:
@@ -84,6 +88,19 @@ class Workbench:
                 return list(found[0].prompts)
         return []
 
+    def judge_choices(self, ckpt: str | None, judge_model: str | None = None) -> tuple[list[str], str]:
+        """(judges that can run for checkpoint `ckpt`, the default): the oracle only for world
+        checkpoints, model judges once a judge model is named, the HTTP judge when its URL is set;
+        "none" (vote only) always."""
+        world = None
+        if ckpt:
+            try:
+                world = world_of(self.resolve(ckpt))
+            except gr.Error:
+                world = None
+        names = available_judges(world=world, judge_model=judge_model) + [NO_JUDGE]
+        return names, ("oracle" if "oracle" in names else NO_JUDGE)
+
     def judge(self, kind: str, judge_model: str, ckpt: Path):
         try:
             world = world_of(ckpt)
@@ -96,6 +113,8 @@ class Workbench:
     # ---- arena -----------------------------------------------------------------------------------
     def compare(self, a, b, prompt, temperature, top_p, max_new_tokens, seed, judge_kind, judge_model, anonymous,
                 request: gr.Request):
+        """Streams (answer A, answer B, verdict, session state). Which checkpoint is on which side stays
+        in the session state on the server: the browser never receives it before the vote."""
         if not prompt or not prompt.strip():
             raise gr.Error("Write a prompt first.")
         pa, pb = self.resolve(a), self.resolve(b)
@@ -103,7 +122,7 @@ class Workbench:
             ma, mb = self.models.get(pa), self.models.get(pb)
         except (OSError, ValueError) as e:
             raise gr.Error(f"Could not load the checkpoint: {e}") from None
-        sides = [("A", a, ma), ("B", b, mb)]
+        sides = [(a, ma), (b, mb)]
         if anonymous:
             random.shuffle(sides)
         stop = self.stops.setdefault(request.session_hash if request else "-", threading.Event())
@@ -111,29 +130,38 @@ class Workbench:
         texts = {"A": "", "B": ""}
         kw = dict(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
                   seed=int(seed), stop=stop)
-        streams = {slot: stream_generate(*m, prompt.strip(), **kw) for slot, (_, _, m) in
-                   zip(("A", "B"), sides)}
+        try:
+            streams = {slot: stream_generate(*m, prompt.strip(), **kw) for slot, (_, m) in zip(("A", "B"), sides)}
+        except ValueError as e:  # e.g. a prompt longer than the model's context
+            raise gr.Error(str(e)) from None
         live = dict(streams)
+        state = {"names": {"A": sides[0][0], "B": sides[1][0]}, "anonymous": bool(anonymous), "prompt": prompt.strip(),
+                 "answers": texts, "verdict": "", "voted": False}
         while live:  # advance both streams in turn so the answers grow side by side
             for slot in list(live):
                 try:
                     texts[slot] = next(live[slot])
                 except StopIteration:
                     del live[slot]
-            yield texts["A"], texts["B"], "judging...", self._names(sides, anonymous)
-        verdict = "stopped" if stop.is_set() else self._verdict(judge_kind, judge_model, pa, prompt.strip(),
-                                                                  texts["A"], texts["B"])
-        yield texts["A"], texts["B"], verdict, self._names(sides, anonymous)
-
-    def _names(self, sides, anonymous) -> str:
-        return json.dumps({"A": sides[0][1], "B": sides[1][1], "hidden": bool(anonymous)})
+                except ValueError as e:
+                    raise gr.Error(str(e)) from None
+            yield texts["A"], texts["B"], "judging...", None
+        if stop.is_set():
+            verdict = "stopped"
+        elif judge_kind == NO_JUDGE:
+            verdict = "No judge: vote below."
+        else:
+            verdict = self._verdict(judge_kind, judge_model, pa, prompt.strip(), texts["A"], texts["B"])
+        state["verdict"] = verdict
+        yield texts["A"], texts["B"], verdict, state
 
     def _verdict(self, kind, judge_model, ckpt: Path, prompt, a, b) -> str:
-        judge = self.judge(kind, judge_model, ckpt)
+        """The judge's verdict; a judge that cannot run or fails is reported here, and the answers stay."""
         try:
+            judge = self.judge(kind, judge_model, ckpt)
             p, why = judge.compare(prompt, a, b)
-        except Exception as e:  # a failing judge is reported, the app goes on
-            raise gr.Error(f"The {kind} judge failed: {e}") from None
+        except Exception as e:  # noqa: BLE001  any judge failure is shown, never raised over the answers
+            return f"**The {kind} judge failed:** {e}"
         return f"**P(A better) = {p:.3f}** ({judge.name} judge)\n\n{why}"
 
     def stop(self, request: gr.Request):
@@ -141,18 +169,25 @@ class Workbench:
         if ev:
             ev.set()
 
-    def vote(self, choice, prompt, answer_a, answer_b, names_json, verdict):
-        if not answer_a and not answer_b:
+    def vote(self, choice: str, state: dict | None):
+        """Log a vote for the comparison held in this session's state (names, prompt, answers and
+        verdict come from the server, never from the browser); one vote per comparison."""
+        if choice not in VOTES:
+            raise gr.Error(f"Unknown vote {choice!r}.")
+        if not state or not any(state["answers"].values()):
             raise gr.Error("Compare first, then vote.")
-        names = json.loads(names_json or "{}")
-        row = {"time": time.time(), "vote": choice, "prompt": prompt, "a": names.get("A"), "b": names.get("B"),
-               "answer_a": answer_a, "answer_b": answer_b, "anonymous": names.get("hidden", False),
-               "verdict": verdict}
+        if state["voted"]:
+            raise gr.Error("This comparison already has a vote; compare again to vote again.")
+        names = state["names"]
+        row = {"time": time.time(), "vote": choice, "prompt": state["prompt"], "a": names["A"], "b": names["B"],
+               "answer_a": state["answers"]["A"], "answer_b": state["answers"]["B"], "anonymous": state["anonymous"],
+               "verdict": state["verdict"]}
         with self.vote_lock:
             self.votes.parent.mkdir(parents=True, exist_ok=True)
             with open(self.votes, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        return f"Vote recorded: **{choice}**. A was `{names.get('A')}`, B was `{names.get('B')}`."
+        state["voted"] = True
+        return f"Vote recorded: **{choice}**. A was `{names['A']}`, B was `{names['B']}`.", state
 
     # ---- batch -----------------------------------------------------------------------------------
     def batch(self, a, b, judge_kind, judge_model, n, temperature, top_p, max_new_tokens, seed,
@@ -163,13 +198,22 @@ class Workbench:
         prompts = self.example_prompts(a)
         if not prompts:
             raise gr.Error("No prompt set: use world checkpoints or start the app with --prompts FILE.")
+        if not judge_kind or judge_kind == NO_JUDGE:
+            raise gr.Error("A batch needs a judge: pick one (the oracle for world checkpoints, or a judge model).")
+        judge = self.judge(judge_kind, judge_model, pa)
+        try:
+            judge.check()  # before any sampling
+        except Exception as e:  # noqa: BLE001
+            raise gr.Error(f"The {judge_kind} judge cannot run: {e}") from None
         gen = dict(n=int(n), temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
                    seed=int(seed), trust_remote_code=self.cfg.trust_remote_code)
-        progress(0.05, desc="sampling A")
-        ra = generate_responses(pa, prompts, **gen)
-        progress(0.35, desc="sampling B")
-        rb = generate_responses(pb, prompts, **gen)
-        judge = self.judge(judge_kind, judge_model, pa)
+        try:
+            progress(0.05, desc="sampling A")
+            ra = generate_responses(pa, prompts, **gen)
+            progress(0.35, desc="sampling B")
+            rb = generate_responses(pb, prompts, **gen)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
         judged, rows = [], []
         total = len(prompts) * int(n)
         for i, p in enumerate(prompts):
@@ -196,19 +240,12 @@ class Workbench:
     def dashboard(self, selected):
         from inspo_core.plots import training_curves
 
-        runs = []
-        for name in selected or []:
-            d = self.resolve_run(name)
-            conf = d / "config.yaml"
-            strategy = "?"
-            if conf.is_file():
-                import yaml
-
-                strategy = (yaml.safe_load(conf.read_text()) or {}).get("strategy", "?")
-            runs.append({"name": name, "strategy": strategy, "run_dir": str(d)})
+        runs = [{"name": name, "strategy": RunDir(self.resolve_run(name)).read_config().get("strategy", "?"),
+                 "run_dir": str(self.resolve_run(name))} for name in selected or []]
         fig = training_curves(runs)
-        config = (self.resolve_run(selected[0]) / "config.yaml").read_text() if selected else ""
-        last = MetricsLog(self.resolve_run(selected[0]) / "metrics.jsonl").rows()[-1:] if selected else []
+        first = RunDir(self.resolve_run(selected[0])) if selected else None
+        config = first.config_path.read_text() if first and first.config_path.is_file() else ""
+        last = first.metrics.rows()[-1:] if first else []
         return fig, config, json.dumps(last[0] if last else {}, indent=1)
 
     def resolve_run(self, name: str) -> Path:
@@ -239,8 +276,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                     top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top p")
                     max_new = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens")
                     seed = gr.Number(value=0, precision=0, label="Seed")
+            judges, default_judge = wb.judge_choices(first)
             with gr.Row():
-                judge_kind = gr.Dropdown(list(JUDGES), value="oracle", label="Judge")
+                judge_kind = gr.Dropdown(judges, value=default_judge, label="Judge")
                 judge_model = gr.Textbox(label="Judge model (reward model or judge LM)", placeholder="path under runs")
                 anonymous = gr.Checkbox(label="Anonymous (hide which side is which until the vote)", value=False)
             with gr.Row():
@@ -250,23 +288,32 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 out_a = gr.Textbox(label="Answer A", lines=6)
                 out_b = gr.Textbox(label="Answer B", lines=6)
             verdict = gr.Markdown(label="Verdict")
-            names = gr.Textbox(visible=False)
+            session = gr.State(None)  # the comparison (who is A and B, answers): kept on the server
             with gr.Row():
-                vote_buttons = [gr.Button(v) for v in ("A better", "B better", "Tie", "Both bad")]
+                vote_buttons = [gr.Button(v) for v in VOTES]
             vote_msg = gr.Markdown()
             examples.change(lambda x: x or gr.update(), examples, prompt)
-            a.change(lambda x: gr.update(choices=wb.example_prompts(x), value=None), a, examples)
+
+            def on_checkpoint(x, jm):
+                names, default = wb.judge_choices(x, jm)
+                return gr.update(choices=wb.example_prompts(x), value=None), gr.update(choices=names, value=default)
+
+            a.change(on_checkpoint, [a, judge_model], [examples, judge_kind])
+            judge_model.change(lambda x, jm: gr.update(choices=wb.judge_choices(x, jm)[0]), [a, judge_model],
+                               judge_kind)
             event = go.click(wb.compare, [a, b, prompt, temperature, top_p, max_new, seed, judge_kind, judge_model,
-                                          anonymous], [out_a, out_b, verdict, names])
+                                          anonymous], [out_a, out_b, verdict, session], api_name="compare")
             stop.click(wb.stop, None, None, cancels=[event])
             for btn in vote_buttons:
-                btn.click(wb.vote, [btn, prompt, out_a, out_b, names, verdict], vote_msg)
+                btn.click(lambda state, v=btn.value: wb.vote(v, state), [session], [vote_msg, session],
+                          api_name=False)
         with gr.Tab("Batch"):
             with gr.Row():
                 ba = gr.Dropdown(ckpts, value=first, label="Checkpoint A", allow_custom_value=True)
                 bb = gr.Dropdown(ckpts, value=second, label="Checkpoint B", allow_custom_value=True)
             with gr.Row():
-                bjudge = gr.Dropdown(list(JUDGES), value="oracle", label="Judge")
+                bjudge = gr.Dropdown([j for j in judges if j != NO_JUDGE] or ["oracle"],
+                                     value=default_judge if default_judge != NO_JUDGE else None, label="Judge")
                 bjudge_model = gr.Textbox(label="Judge model")
                 bn = gr.Slider(1, 100, value=10, step=1, label="Samples per prompt")
             brun = gr.Button("Run batch", variant="primary")
@@ -275,6 +322,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             bcsv = gr.File(label="CSV")
             brun.click(wb.batch, [ba, bb, bjudge, bjudge_model, bn, temperature, top_p, max_new, seed],
                        [bsummary, btable, bcsv])
+
+            def batch_judges(x, jm):
+                names = [j for j in wb.judge_choices(x, jm)[0] if j != NO_JUDGE]
+                return gr.update(choices=names, value=names[0] if names else None)
+
+            ba.change(batch_judges, [ba, bjudge_model], bjudge)
+            bjudge_model.change(batch_judges, [ba, bjudge_model], bjudge)
         with gr.Tab("Dashboard"):
             sel = gr.Dropdown(runs, value=runs[:4], multiselect=True, label="Runs")
             live = gr.Checkbox(label="Refresh every 5 s while a run trains", value=True)

@@ -82,7 +82,38 @@ def test_vote_is_logged(page, runs_dir):
     page.get_by_text("Vote recorded").wait_for(timeout=30_000)
     rows = [json.loads(x) for x in (runs_dir / "votes.jsonl").read_text().splitlines()]
     assert rows[-1]["vote"] == "A better" and rows[-1]["answer_a"] == page.get_by_label("Answer A").input_value()
-    assert rows[-1]["a"] and rows[-1]["b"]
+    assert rows[-1]["a"] and rows[-1]["b"] and "P(A better)" in rows[-1]["verdict"]
+    page.get_by_role("button", name="Tie").click()  # one vote per comparison
+    page.get_by_text("already has a vote").first.wait_for(timeout=30_000)
+    assert len((runs_dir / "votes.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_votes_take_nothing_from_the_browser(app_url):
+    """The vote handler used to trust names, labels and answers sent by the client, so votes could be
+    forged through the queue API. Its only input now is the session's server-side state."""
+    import urllib.request
+
+    config = json.loads(urllib.request.urlopen(app_url + "config", timeout=30).read())
+    comps = {c["id"]: c for c in config["components"]}
+    vote_buttons = {c["id"] for c in config["components"] if c.get("props", {}).get("value") in
+                    ("A better", "B better", "Tie", "Both bad") and c["type"] == "button"}
+    deps = [d for d in config["dependencies"] if any(t[0] in vote_buttons for t in d["targets"])]
+    assert len(deps) == 4
+    for d in deps:
+        assert [comps[i]["type"] for i in d["inputs"]] == ["state"]
+
+
+def test_anonymous_mode_sends_no_identities_before_the_vote(app_url, runs_dir):
+    """The compare endpoint's outputs (what reaches the browser) carry the answers and the verdict,
+    never which checkpoint produced which side."""
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    outputs = client.predict("ins-dpo/final", "pi_ref", "Ana is shopping today. Which single item should Ana buy?",
+                             0.7, 0.95, 8, 0, "oracle", "", True, api_name="/compare")
+    text = json.dumps(outputs)
+    assert "P(A better)" in text
+    assert "ins-dpo" not in text and "pi_ref" not in text
 
 
 def test_dashboard_plots_the_run(page):
@@ -98,6 +129,20 @@ def test_batch_tab_runs_a_prompt_set(page):
     page.get_by_text("win rate of A").wait_for(timeout=120_000)
     assert "length-controlled" in page.inner_text("body")
     shot(page, "batch")
+
+
+def test_a_failing_judge_keeps_the_answers(page):
+    """A judge that cannot run reports in the verdict; the streamed answers stay on the page."""
+    page.get_by_role("tab", name="Arena").click()
+    page.get_by_label("Judge model (reward model or judge LM)").fill("no-such-judge")
+    page.get_by_label("Judge model (reward model or judge LM)").press("Tab")
+    judge = page.get_by_label("Judge", exact=True)
+    judge.click()
+    page.get_by_role("option", name="llm").click()
+    page.get_by_label("Prompt", exact=True).fill("Ana is shopping today. Which single item should Ana buy?")
+    page.get_by_role("button", name="Compare").click()
+    page.get_by_text("The llm judge failed").wait_for(timeout=60_000)
+    assert page.get_by_label("Answer A").input_value().strip() and page.get_by_label("Answer B").input_value().strip()
 
 
 def test_bad_path_shows_an_error_and_the_app_keeps_running(page):

@@ -89,3 +89,29 @@ def test_local_files(tmp_path):
     (tmp_path / "d.csv").write_text("x")
     with pytest.raises(ValueError, match="unsupported file type"):
         load_rows(str(tmp_path / "d.csv"))
+
+
+def test_errors_name_the_file_line(tmp_path):
+    """Row numbers in data errors were post-split and 0-based; now they are the file's line numbers,
+    through the split and into the conditioning builder."""
+    p = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    p.write_text(good + "\n\n" + good.replace('"p"', '"q"') + "\n" + json.dumps({"prompt": "r", "chosen": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl line 4: missing field 'rejected'"):
+        prepare_rows(load_rows(str(p)))
+    p.write_text(good + "\n\n" + json.dumps({"prompt": "r", "chosen": "", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl line 3: field 'chosen' is empty"):
+        prepare_rows(load_rows(str(p)))
+    kept, _ = prepare_rows(load_rows(str(p)), skip_bad_rows=True)
+    assert kept[0]["_source"].endswith("d.jsonl line 1")
+
+
+def test_empty_and_non_utf8_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl' holds no rows"):
+        load_rows(str(empty))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl: line 2 is not valid UTF-8"):
+        load_rows(str(latin))

@@ -271,3 +271,15 @@ def test_eval_command_with_a_local_llm_judge_and_a_prompt_file(judge_dir, tmp_pa
     # same model, same seed on both sides: identical answers, and both-order judging makes each a tie
     assert res["win_rate"] == pytest.approx(0.5) and res["ties"] + res["wins"] + res["losses"] == 6
     assert main(["eval", "--checkpoints", str(tmp_path / "nope")]) == 2  # a clear error, no traceback
+
+
+def test_eval_with_an_unreachable_http_judge_stops_before_sampling(judge_dir, tmp_path, capsys):
+    """An HTTP judge at a dead port raised a traceback after sampling everything."""
+    from workbench.cli import main
+
+    code = main(["eval", "--checkpoints", str(judge_dir), "--baseline", str(judge_dir), "--prompts",
+                 str(tmp_path / "p.txt"), "--judge", "http", "--judge_url", f"http://127.0.0.1:{free_port()}/v1"]
+                if (tmp_path / "p.txt").write_text("Name a fruit.\n") else [])
+    out = capsys.readouterr()
+    assert code == 1 and "is not reachable" in out.err and "Traceback" not in out.err
+    assert "sampling" not in out.out

@@ -328,3 +328,30 @@ def test_metrics_survive_a_line_cut_by_a_crash(tmp_path):
     assert log.rows() == [{"step": 1, "loss": 0.5}]
     log.truncate_after(5)
     assert json.loads(log.path.read_text()) == {"step": 1, "loss": 0.5}
+
+
+@pytest.mark.parametrize("model, message", [
+    ("/nonexistent/model", "does not exist"),
+    ("NOT_A_MODEL_DIR", "is a directory without config.json"),
+])
+def test_a_model_that_is_not_there_is_a_clear_error(tmp_path, cache_dir, model, message):
+    """--model /nonexistent and a non-model directory gave transformers' internals ("install sentencepiece")."""
+    if model == "NOT_A_MODEL_DIR":
+        model = str(tmp_path / "notes")
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=message):
+        Trainer(cfg(tmp_path, cache_dir, model=model)).train()
+
+
+def test_yaml_values_of_the_wrong_type_are_reported_together(tmp_path):
+    """batch_size: 2.5 failed at step 1; lr: [1, 2] with a TypeError."""
+    from inspo_core.config import TrainConfig, load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: 2.5\nlr: [1, 2]\nbf16: maybe\nmax_steps: 3.0\n")
+    with pytest.raises(ValueError) as err:
+        load_config(TrainConfig, bad)
+    msg = str(err.value)
+    assert "batch_size: expected an integer, got 2.5" in msg and "lr: expected a number, got [1, 2]" in msg
+    assert "bf16: expected true or false, got 'maybe'" in msg and "max_steps" not in msg  # 3.0 is an integer
