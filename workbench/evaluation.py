@@ -30,6 +30,7 @@ class EvalConfig:
     n_boot: int = opt(1000, "bootstrap resamples for the confidence intervals")
     output: str | None = opt(None, "eval.json path (default: eval.json in the first checkpoint's run directory)")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
+    cache_dir: str = opt(".cache/inspo", "where named models (smollm2) are materialised")
 
     def __post_init__(self):
         if not self.checkpoints:
@@ -59,7 +60,9 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     identities, prompt, answers, sampling, judge), so a rerun reuses exactly its own finished work."""
     from inspo_core.worlds.token import world_of
 
-    ckpts = [model_dir(c) for c in cfg.checkpoints]
+    from inspo_core.catalog import resolve_model
+
+    ckpts = [model_dir(resolve_model(c, cfg.cache_dir)) for c in cfg.checkpoints]
     found = world_of(ckpts[0])
     world, ref_dir = found if found else (None, None)
     if cfg.baseline == "ref":
@@ -72,9 +75,10 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
             ref_dir = Path(resolved)
         baseline = ref_dir
     else:
-        baseline = model_dir(cfg.baseline)
+        baseline = model_dir(resolve_model(cfg.baseline, cfg.cache_dir))
     prompts = load_prompts(cfg.prompts, world)
-    judge = make_judge(cfg.judge, world=world, path=cfg.judge_model, base_url=cfg.judge_url,
+    judge_model = resolve_model(cfg.judge_model, cfg.cache_dir) if cfg.judge_model else None
+    judge = make_judge(cfg.judge, world=world, path=judge_model, base_url=cfg.judge_url,
                        trust_remote_code=cfg.trust_remote_code)
     judge.check()  # an unreachable judge stops here, before any sampling
     out_path = Path(cfg.output) if cfg.output else ckpts[0].parent / "eval.json"

