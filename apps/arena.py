@@ -20,7 +20,7 @@ from inspo_core.evaluate import Judgement, summarize
 from inspo_core.generation import ModelCache, stream_generate
 from inspo_core.judges import available_judges, make_judge
 from inspo_core.rundir import RunDir
-from inspo_core.worlds.token import world_of
+from inspo_core.worlds import world_of
 
 from apps.config import AppConfig
 

@@ -56,6 +56,26 @@ def prompt_ids(builder: ConditioningBuilder, prompt, max_new_tokens: int, altern
     return ids
 
 
+@torch.no_grad()
+def sample_batch(model, tok, prompts_ids: list[list[int]], *, n: int, seed: int, batch_prompts: int = 8,
+                 **sampling) -> list[list[str]]:
+    """n completions of each of several token sequences, several prompts per `generate` call (left
+    padding with an attention mask; positions follow the mask). [len(prompts_ids)][n] stripped texts."""
+    dev = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out: list[list[str]] = []
+    for s in range(0, len(prompts_ids), batch_prompts):
+        chunk = prompts_ids[s : s + batch_prompts]
+        L = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (L - len(c)) + c for c in chunk], device=dev)
+        mask = torch.tensor([[0] * (L - len(c)) + [1] * len(c) for c in chunk], device=dev)
+        torch.manual_seed(seed * 7_919 + s)
+        gen = model.generate(input_ids=ids, attention_mask=mask, **sampling_kwargs(tok, n=n, **sampling))
+        texts = [tok.decode(g[L:], skip_special_tokens=True).strip() for g in gen]
+        out += [texts[i * n : (i + 1) * n] for i in range(len(chunk))]
+    return out
+
+
 class ModelCache:
     """Keeps the last `size` (model, tokenizer, builder) triples loaded; thread-safe."""
 

@@ -44,10 +44,7 @@ class OracleJudge:
         pass
 
     def compare(self, prompt: str, a: str, b: str) -> tuple[float, str]:
-        p = self.world.preference(prompt, a, b)
-        ya, yb = self.world.parse(a), self.world.parse(b)
-        name = lambda y: "unparseable" if y is None else self.world.items[y]  # noqa: E731
-        return p, f"oracle: {name(ya)} vs {name(yb)}"
+        return self.world.preference(prompt, a, b), self.world.explain(prompt, a, b)
 
 
 class RewardModelJudge:

@@ -71,12 +71,43 @@ def value_bars(summary: dict, psi: str = "identity") -> go.Figure:
                                                                   " pi(.|x,y')"),
                                  error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo),
                                  marker_pattern_shape=pattern))
-    c = summary["ceilings"][psi]
+    c = summary.get("ceilings", {}).get(psi, {})  # exact ceilings exist in the finite worlds only
     for name, dash in (("pi_ref", "dot"), ("pi_bar", "dash"), ("pi_star", "solid")):
-        fig.add_hline(y=c[name], line_dash=dash, annotation_text=f"V({name}, theory) = {c[name]:.3f}",
-                      annotation_position="top left")
+        if name in c:
+            fig.add_hline(y=c[name], line_dash=dash, annotation_text=f"V({name}, theory) = {c[name]:.3f}",
+                          annotation_position="top left")
     fig.update_layout(barmode="group", height=380, title=f"V(pi) against pi_ref, Psi = {psi} "
                       "(mean over seeds, 95% t-interval)", yaxis_title="V", margin=dict(t=50, b=30))
+    return fig
+
+
+def frontier(points: list[dict]) -> go.Figure:
+    """Reward against KL(pi || pi_ref), one curve per strategy (the DPO paper's Figure 2, left).
+
+    points: dicts with strategy, kl, reward, name, and `order` (position along training, e.g. the
+    step); each run's points are joined in that order, starting from pi_ref at (0, its reward)."""
+    fig = go.Figure()
+    shown = set()
+    origin = next((p for p in points if p["strategy"] == "pi_ref"), None)
+    by_run: dict[str, list[dict]] = {}
+    for p in points:
+        if p["strategy"] != "pi_ref":
+            by_run.setdefault(p["run"], []).append(p)
+    for run, pts in by_run.items():
+        pts = sorted(pts, key=lambda p: p["order"])
+        if origin:
+            pts = [origin] + pts
+        s = pts[-1]["strategy"]
+        fig.add_trace(go.Scatter(x=[p["kl"] for p in pts], y=[p["reward"] for p in pts], mode="lines+markers",
+                                 name=s, legendgroup=s, showlegend=s not in shown, line=line_style(s),
+                                 hovertext=[p["name"] for p in pts], opacity=0.85))
+        shown.add(s)
+    if origin:
+        fig.add_trace(go.Scatter(x=[origin["kl"]], y=[origin["reward"]], mode="markers", name="pi_ref",
+                                 marker=dict(size=11, color="#333", symbol="diamond")))
+    fig.update_layout(height=380, title="reward vs KL(pi || pi_ref): samples at T = 1, along training",
+                      xaxis_title="KL(pi || pi_ref) estimate (nats per answer)", yaxis_title="mean oracle reward",
+                      margin=dict(t=50, b=30))
     return fig
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from inspo_core import theory as th
 from inspo_core.worlds.preferences import make_preferences
-from inspo_core.worlds.token import TokenWorld, TokenWorldConfig, build_reference, sample_pairs, world_of
+from inspo_core.worlds import world_of
+from inspo_core.worlds.token import TokenWorld, TokenWorldConfig, build_reference, sample_pairs
 
 
 def intransitive_triples(P):

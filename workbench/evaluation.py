@@ -58,7 +58,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     """Sample every checkpoint and the baseline on the same prompts and seeds, judge each answer
     against the baseline's, write eval.json. Judgements are keyed by what was judged (both models'
     identities, prompt, answers, sampling, judge), so a rerun reuses exactly its own finished work."""
-    from inspo_core.worlds.token import world_of
+    from inspo_core.worlds import world_of
 
     from inspo_core.catalog import resolve_model
 

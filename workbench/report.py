@@ -43,6 +43,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
             vals = [r[policy]["unparseable"] for r in mine if policy in r]
             if vals:
                 row[f"{policy}/unparseable"] = float(np.mean(vals))
+            for key in ("reward", "kl", "reward_t1"):  # the text worlds' extra measurements
+                vals = [r[policy][key] for r in mine if policy in r and key in r[policy]]
+                if vals:
+                    row[f"{policy}/{key}"] = seed_interval(vals)
         rows.append(row)
     return rows
 
@@ -51,21 +55,28 @@ REFLECTIVE = "reflective pi(.|x,y')"
 
 
 def format_table(summary: dict) -> str:
-    c = summary["ceilings"]["identity"]
     conf = summary["config"]
+    c = summary.get("ceilings", {}).get("identity", {})
+    text_world = "deployed/reward" in (summary["table"][0] if summary["table"] else {})
+    ceil = (f" Ceilings against the same opponents: pi_bar {c['pi_bar']:.3f}, pi_star {c['pi_star']:.3f}."
+            if "pi_bar" in c else "")
     lines = [f"V(pi): win rate under the oracle (Psi = identity) against y' ~ pi_ref (T=1); every row, pi_ref's own "
-             f"included, sampled at T={conf.get('temperature', 0.7)}, top-p {conf.get('top_p', 0.95)}. Ceilings against "
-             f"the same opponents: pi_bar {c['pi_bar']:.3f}, pi_star {c['pi_star']:.3f}. Mean over seeds [95% t-interval]",
+             f"included, sampled at T={conf.get('temperature', 0.7)}, top-p {conf.get('top_p', 0.95)}.{ceil} "
+             "Mean over seeds [95% t-interval]",
              f"{'objective':<10}{'strategy':<17}{'seeds':>5}  {'deployed (prompt only)':<26}{REFLECTIVE:<26}"
-             f"{'unparseable':>11}"]
+             + (f"{'reward':>8}{'KL':>8}" if text_world else f"{'unparseable':>11}")]
+
+    def cell(r, key):
+        if key not in r:
+            return "-"
+        m, lo, hi = r[key]
+        return f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else f"{m:.3f}"
+
     for r in summary["table"]:
-        def cell(key):
-            if key not in r:
-                return "-"
-            m, lo, hi = r[key]
-            return f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else f"{m:.3f}"
-        lines.append(f"{r['objective']:<10}{r['strategy']:<17}{r['seeds']:>5}  {cell('deployed/V_identity'):<26}"
-                     f"{cell('reflective/V_identity'):<26}{r.get('deployed/unparseable', float('nan')):>11.3f}")
+        tail = (f"{r['deployed/reward'][0]:>8.3f}{r['deployed/kl'][0]:>8.2f}" if text_world else
+                f"{r.get('deployed/unparseable', float('nan')):>11.3f}")
+        lines.append(f"{r['objective']:<10}{r['strategy']:<17}{r['seeds']:>5}  {cell(r, 'deployed/V_identity'):<26}"
+                     f"{cell(r, 'reflective/V_identity'):<26}" + tail)
     return "\n".join(lines)
 
 

@@ -23,7 +23,6 @@ import torch
 from inspo_core.atomic import atomic_path, atomic_write_text
 from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
 from inspo_core.models import load_model, load_tokenizer, tiny_llama, train_tokenizer
-from inspo_core.rundir import RunDir
 from inspo_core.strategies import View
 from inspo_core.worlds.preferences import FAMILIES, make_preferences
 
@@ -94,6 +93,10 @@ class TokenWorld:
         """The item a response names, or None when it names none or several."""
         found = set(self._item_re.findall(text))
         return self.items.index(found.pop()) if len(found) == 1 else None
+
+    def explain(self, prompt: str, a: str, b: str) -> str:
+        name = lambda y: "unparseable" if y is None else self.items[y]  # noqa: E731
+        return f"oracle: {name(self.parse(a))} vs {name(self.parse(b))}"
 
     def preference(self, prompt: str, a: str, b: str) -> float:
         """P(a > b | prompt); an unparseable text loses, two unparseable texts tie."""
@@ -205,17 +208,3 @@ def sample_pairs(world: TokenWorld, ref_dir: Path, n_pairs: int, out_path: Path,
     log(f"sampled {len(rows)} labelled pairs from pi_ref ({empty} pairs with an empty response left out) "
         f"-> {out_path}")
     return out_path
-
-
-def world_of(model_dir: str | Path) -> tuple[TokenWorld, Path] | None:
-    """(world, pi_ref dir) when `model_dir` is a world's pi_ref or a checkpoint trained from one
-    (a run's final/, best/ or checkpoints/step-N/, or the run directory itself), else None."""
-    p = Path(model_dir)
-    candidates = [p]
-    run = RunDir.of_model(p)
-    if run is not None:
-        candidates.append(Path(str(run.read_config().get("resolved_model", ""))))
-    for cand in candidates:
-        if (cand / "world.json").is_file():
-            return TokenWorld(TokenWorldConfig(**json.loads((cand / "world.json").read_text()))), cand
-    return None
