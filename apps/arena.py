@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from inspo_core.catalog import CATALOG, resolve_model
 from inspo_core.evaluate import Judgement, summarize
 from inspo_core.generation import ModelCache, stream_generate
 from inspo_core.judges import available_judges, make_judge
@@ -45,14 +46,20 @@ class Workbench:
         if not self.root.is_dir():
             return []
         found = {p.parent for p in self.root.rglob("config.json") if (p.parent / "model.safetensors").is_file()}
-        return sorted(str(p.relative_to(self.root)) for p in found)
+        return sorted(str(p.relative_to(self.root)) for p in found) + self.named_models()
 
     def default_pair(self) -> tuple[str | None, str | None]:
-        """A: the first run's final model; B: a checkpoint of another run (e.g. the reference)."""
+        """A: the first run's final model; B: its starting model when that is a named model (the base
+        model of a LoRA run), else a checkpoint of another run (e.g. the reference)."""
         ckpts = self.checkpoints()
         if not ckpts:
             return None, None
         a = next((c for c in ckpts if c.endswith("final")), ckpts[0])
+        run = RunDir.of_model(self.root / a)
+        start = Path(str(run.read_config().get("resolved_model", ""))) if run else None
+        for name in self.named_models():
+            if start is not None and start.name == name and start.parent.name == "models":
+                return a, name
         b = next((c for c in ckpts if Path(c).parts[0] != Path(a).parts[0]), next((c for c in ckpts if c != a), None))
         return a, b
 
@@ -61,9 +68,18 @@ class Workbench:
             return []
         return sorted(str(p.parent.relative_to(self.root)) for p in self.root.rglob("metrics.jsonl"))
 
+    def named_models(self) -> list[str]:
+        """Catalog models already made into checkpoints in the cache (pickable by name)."""
+        return [n for n in CATALOG if (Path(self.cfg.cache_dir) / "models" / n / "config.json").is_file()]
+
     def resolve(self, name: str) -> Path:
         if not name or not str(name).strip():
             raise gr.Error("Pick a checkpoint for both sides.")
+        if name in CATALOG:  # a named model: materialised by the workbench itself, in its cache
+            try:
+                return Path(resolve_model(name, self.cfg.cache_dir, log=lambda m: None))
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
         p = Path(name)
         p = (p if p.is_absolute() else self.root / p).resolve()
         if not self.cfg.allow_any_path and not p.is_relative_to(self.root):

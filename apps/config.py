@@ -15,3 +15,4 @@ class AppConfig:
     prompts: str | None = opt(None, "a file of example prompts (.txt one per line, or .jsonl with 'prompt')")
     votes: str | None = opt(None, "vote log (default: <runs_dir>/votes.jsonl)")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
+    cache_dir: str = opt(".cache/inspo", "where named models (smollm2) live; they can be picked by name")

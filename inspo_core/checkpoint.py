@@ -2,7 +2,9 @@
 
 `checkpoints/step-N/` holds the model (`save_pretrained`, safetensors; LoRA runs hold the adapter),
 the tokenizer, `optimizer.pt`, `scheduler.pt`, `trainer_state.json` (step, RNG, the run's resolved
-config) and, written last, `manifest.json` (every file and its size). A checkpoint is built in a
+config) and, written last, `manifest.json` (every file and its size). FSDP2 runs hold `dcp/` instead
+of the model and optimizer files: each rank's shards, written without gathering (torch distributed
+checkpoint; `torch.distributed.checkpoint.format_utils.dcp_to_torch_save` makes one file of them). A checkpoint is built in a
 hidden temporary directory and renamed into place, so an interrupted save leaves the previous
 checkpoint as the latest complete one; `verify_checkpoint` checks a checkpoint against its manifest
 so a damaged one (truncated weights, a missing optimizer state, an empty trainer state) is skipped
@@ -66,7 +68,7 @@ def verify_checkpoint(path: Path) -> str | None:
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is empty or unreadable"
-    weights = [p for p in ("model.safetensors", "adapter_model.safetensors") if (path / p).is_file()]
+    weights = [p for p in ("model.safetensors", "adapter_model.safetensors", "dcp/.metadata") if (path / p).is_file()]
     weights += [p.name for p in path.glob("model-*.safetensors")]
     if not weights:
         return "no model weights"
@@ -125,9 +127,63 @@ def _write_model(lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
     tokenizer.save_pretrained(path)
 
 
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A peft LoRA model's full state dict (keys `base_model.model.<path>...`) as the plain model's,
+    with W + scaling * B @ A folded into every adapted weight."""
+    out, lora = {}, {}
+    for k, v in state.items():
+        k = k.removeprefix("base_model.model.")
+        if ".lora_A." in k or ".lora_B." in k:
+            mod, kind = k.split(".lora_")[0], k.split(".lora_")[1][0]
+            lora.setdefault(mod, {})[kind] = v
+        elif ".lora_" in k:
+            continue  # dropout or embedding adapters we never create
+        else:
+            out[k.replace(".base_layer.", ".")] = v
+    for mod, ab in lora.items():
+        w = out[f"{mod}.weight"]
+        out[f"{mod}.weight"] = (w.float() + scaling * ab["B"].float() @ ab["A"].float()).to(w.dtype)
+    return out
+
+
+def _save_gathered(lm, tokenizer, path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Save a gathered full state dict as a plain HF model: the model is rebuilt from its config on the
+    meta device and the tensors are assigned (no second load of the weights)."""
+    from transformers import AutoModelForCausalLM
+
+    state = {k.removeprefix("lm."): v for k, v in state.items()}
+    config = lm.get_base_model().config if hasattr(lm, "get_base_model") else lm.config
+    if hasattr(lm, "peft_config"):
+        lcfg = lm.peft_config["default"]
+        state = merge_lora_state(state, lcfg.lora_alpha / lcfg.r)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"gathered state does not match the model: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}")
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
 def save_model(accelerator, scorer, lm, tokenizer, path: Path, *, merge_lora: bool = False) -> None:
     """HF-loadable weights of `lm` (gathered across shards) into `path`, atomically (main process
     writes). Raises CheckpointError when the directory cannot be written."""
+    from inspo_core.sharding import full_state_dict, is_fsdp
+
+    if is_fsdp(scorer):  # FSDP2: every rank takes part in the gather; rank 0 writes one plain checkpoint
+        state = full_state_dict(scorer)
+        if accelerator.is_main_process:
+            try:
+                with atomic_path(path, directory=True) as tmp:
+                    _save_gathered(lm, tokenizer, tmp, state)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"could not save the model to {path}: {e}") from e
+        accelerator.wait_for_everyone()
+        return
     state = accelerator.get_state_dict(scorer) if is_sharded(accelerator) else None
     if accelerator.is_main_process:
         try:
@@ -140,18 +196,25 @@ def save_model(accelerator, scorer, lm, tokenizer, path: Path, *, merge_lora: bo
 
 def save_checkpoint(accelerator, scorer, lm, tokenizer, optimizer, scheduler, run: RunDir,
                     step: int, trainer_state: dict[str, Any]) -> Path:
+    from inspo_core.sharding import is_fsdp, save_sharded
+
     final = run.checkpoint(step)
     tmp = final.with_name(f".step-{step}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(scorer) if is_sharded(accelerator) else None
-    if accelerator.is_main_process:
-        _write_model(lm, tokenizer, tmp, state, merge_lora=False)
-    if is_sharded(accelerator):
+    if is_fsdp(scorer):  # every rank writes its own shards of model and optimizer state (DCP), no gather
+        save_sharded(scorer, optimizer, tmp / "dcp")
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(tmp)
+    elif is_sharded(accelerator):  # accelerate's own FSDP / DeepSpeed engines
+        state = accelerator.get_state_dict(scorer)
+        if accelerator.is_main_process:
+            _write_model(lm, tokenizer, tmp, state, merge_lora=False)
         accelerator.save_state(str(tmp / "accelerate_state"))
     elif accelerator.is_main_process:
+        _write_model(lm, tokenizer, tmp, None, merge_lora=False)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if accelerator.is_main_process:
         from inspo_core.atomic import fsync_tree, replace
@@ -166,9 +229,14 @@ def save_checkpoint(accelerator, scorer, lm, tokenizer, optimizer, scheduler, ru
     return final
 
 
-def load_trainer_state(accelerator, ckpt: Path, optimizer, scheduler) -> dict[str, Any]:
-    """Optimizer, scheduler and RNG from `ckpt` (weights are loaded when the model is built)."""
-    if is_sharded(accelerator):
+def load_trainer_state(accelerator, ckpt: Path, optimizer, scheduler, scorer=None) -> dict[str, Any]:
+    """Optimizer, scheduler and RNG from `ckpt` (weights are loaded when the model is built, except
+    for FSDP2 checkpoints, whose model and optimizer shards are read here into `scorer`)."""
+    if (ckpt / "dcp").is_dir():
+        from inspo_core.sharding import load_sharded
+
+        load_sharded(scorer, optimizer, ckpt / "dcp")
+    elif is_sharded(accelerator):
         accelerator.load_state(str(ckpt / "accelerate_state"))
     else:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))

@@ -18,6 +18,7 @@ import yaml
 from inspo_core.conditioning import CONTEXT_FORMATS, PROMPT_FORMATS
 from inspo_core.objectives import OBJECTIVES, check_length_normalize, resolve_hparams
 from inspo_core.scoring import PACKINGS
+from inspo_core.sharding import SHARDINGS
 from inspo_core.strategies import REF_CONDITIONING, STRATEGIES
 
 
@@ -85,6 +86,9 @@ class TrainConfig:
     lora: int = opt(0, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: float | None = opt(None, "LoRA alpha (default 2 * rank)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
+    sharding: str = opt("none", "none: every process holds the whole model (DDP when launched on several); fsdp2: "
+                        "parameters, gradients and optimizer state sharded per decoder layer (FSDP2, CPU or GPU)",
+                        choices=list(SHARDINGS))
     bf16: bool = opt(False, "bf16 autocast (where the hardware supports it)")
     logps_chunk_mb: float = opt(256, "memory budget of one fp32 logits chunk in the log-prob engine")
     packing: str = opt("padded", "padded: one row per view; tree: every view of a pair in one prefix tree",
@@ -121,6 +125,7 @@ class TrainConfig:
         choice("context_format", list(CONTEXT_FORMATS))
         choice("prompt_format", list(PROMPT_FORMATS))
         choice("packing", list(PACKINGS))
+        choice("sharding", list(SHARDINGS))
         if self.objective in OBJECTIVES:
             try:
                 resolve_hparams(self.objective, self.objective_hparams())

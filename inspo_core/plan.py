@@ -84,7 +84,9 @@ def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Modul
     per_epoch = len(train_pairs) // global_batch
     total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch))
 
-    policy = _load_policy(cfg, source, resume_from)
+    # an FSDP2 checkpoint holds shards, not a model: start from the source, the shards are read after sharding
+    sharded_resume = resume_from is not None and (resume_from / "dcp").is_dir()
+    policy = _load_policy(cfg, source, None if sharded_resume else resume_from)
     if cfg.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
         if enable is not None:
@@ -92,7 +94,8 @@ def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Modul
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.to(acc.device)
-    ref_train, ref_val, ref_stats = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, say)
+    ref_train, ref_val, ref_stats = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, say,
+                                               fresh=resume_from is None)
     record = dataclasses.asdict(cfg) | {"resolved_model": source}
     plan = TrainPlan(cfg, method, eval_views, run, source, tokenizer, pad_id, train_pairs, val_pairs, ref_train,
                      ref_val, ref_stats, per_epoch, total, global_batch, resume_from, record)
@@ -217,10 +220,13 @@ def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
 
 # ---- the reference -------------------------------------------------------------------------------------
 
-def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pairs, val_pairs, pad_id, acc, say):
-    """Reference log-probs of train and validation pairs, from the cache when possible. The cache key
-    is the reference's files (config + full weights; with LoRA the base model, adapters excluded),
-    the scored token sequences and the dtype."""
+def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pairs, val_pairs, pad_id, acc, say,
+               fresh: bool = True):
+    """Reference log-probs of train and validation pairs, from the cache when possible, computed before
+    the policy is sharded or wrapped. The cache key is the reference's files (config + full weights;
+    with LoRA the base model, adapters excluded), the scored token sequences and the dtype. The
+    reference is the policy itself when it still holds the reference's weights (LoRA with adapters
+    disabled, or a fresh run from the same model): no second model per process."""
     if not method.objective.needs_reference:
         return {}, {}, RefStats(cache_hit=True)
     cache = RefCache(cfg.cache_dir)
@@ -231,7 +237,7 @@ def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pair
     def get_ref():
         nonlocal ref_model
         if ref_model is None:
-            if cfg.lora:  # the base model with adapters disabled: no second copy of the weights
+            if cfg.lora or (fresh and ref_source == source):  # the policy holds the reference's weights now
                 ref_model = policy
             else:
                 ref_model = load_model(ref_source, dtype=torch.float32,
@@ -246,7 +252,7 @@ def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pair
 
             def compute(pairs=pairs):
                 model = get_ref()
-                ctx = model.disable_adapter() if cfg.lora else contextlib.nullcontext()
+                ctx = model.disable_adapter() if cfg.lora else contextlib.nullcontext()  # LoRA: the base model
                 with ctx, acc.autocast():
                     return compute_ref_logps(model, pairs, views, batch_size=cfg.batch_size, pad_id=pad_id,
                                              chunk_mb=cfg.logps_chunk_mb, packing=cfg.packing,

@@ -29,6 +29,7 @@ from inspo_core.logps import TokenLogps
 from inspo_core.plan import TrainPlan, prepare
 from inspo_core.refcache import RefStats
 from inspo_core.scoring import score_views
+from inspo_core.sharding import init_process_group, local_state_mb, shard
 from inspo_core.strategies import L_PLAIN, W_PLAIN, reflection_gain
 
 
@@ -174,17 +175,23 @@ class Trainer:
         plan, run = self.plan, self.plan.run
 
         scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
+        if cfg.sharding == "fsdp2":  # our own FSDP2 (same code on CPU and GPU); accelerate only steps the optimizer
+            init_process_group(acc)
+            shard(scorer)
         optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
                                       betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan.total_steps, cfg.warmup_ratio,
                                                                            cfg.min_lr_ratio))
-        scorer, optimizer = acc.prepare(scorer, optimizer)
+        if cfg.sharding == "fsdp2":
+            optimizer = acc.prepare(optimizer)
+        else:
+            scorer, optimizer = acc.prepare(scorer, optimizer)
         # clip what the optimizer steps: the prepared module's parameters (FSDP2 replaces the originals)
         clip_params = [p for p in scorer.parameters() if p.requires_grad]
 
         start, best = 0, None
         if plan.resume_from is not None:
-            state = load_trainer_state(acc, plan.resume_from, optimizer, scheduler)
+            state = load_trainer_state(acc, plan.resume_from, optimizer, scheduler, scorer)
             start, best = state["step"], state.get("best_eval_loss")
             if acc.is_main_process:
                 run.metrics.truncate_after(start)
@@ -213,6 +220,7 @@ class Trainer:
                     acc.backward(terms["loss"])
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
                         grad_norm = acc.clip_grad_norm_(clip_params, cfg.max_grad_norm)
+                        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 parts.append(terms["stats"])
@@ -228,7 +236,7 @@ class Trainer:
             row = {"step": step + 1, "epoch": (step + 1) / plan.per_epoch, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None, **row,
                    "tokens_per_s": tokens / dt, "pairs_per_s": plan.global_batch / dt,
-                   "peak_mem_mb": peak_mem_mb(acc.device)}
+                   "peak_mem_mb": peak_mem_mb(acc.device), "state_mb": local_state_mb(scorer, optimizer)}
             progress.update(row)
             done = step + 1
             if acc.is_main_process and (done % cfg.log_every == 0 or done == plan.total_steps):
@@ -271,8 +279,8 @@ class Trainer:
 
     def _check_finite_weights(self, scorer, step: int) -> None:
         """Stop before saving weights that are not finite (after `step` optimizer steps)."""
-        bad = torch.tensor(float(any(not torch.isfinite(p).all() for p in scorer.parameters() if p.requires_grad)),
-                           device=self.acc.device)
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in scorer.parameters() if p.requires_grad]
+        bad = torch.tensor(float(any(not torch.isfinite(p).all() for p in local)), device=self.acc.device)
         if self.acc.reduce(bad, "sum").item() > 0:
             self._stop_diverged(f"non-finite weights after step {step}", below=step)
 

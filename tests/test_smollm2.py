@@ -107,3 +107,82 @@ def test_two_lora_steps_of_ins_dpo_with_the_reference_cache(smollm2, tmp_path):
     second = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "b"), "seed": 1})).train()
     assert second.ref_stats.cache_hit  # keyed on the base model: a reseeded LoRA run reuses it
     assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def chat_runs(smollm2, tmp_path_factory):
+    """runs/ holding a LoRA INS-DPO run trained from SmolLM2 (2 steps, merged into final/)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from inspo_core.config import TrainConfig, load_config
+    from inspo_core.trainer import Trainer
+
+    runs = tmp_path_factory.mktemp("chat") / "runs"
+    data = Path(__file__).resolve().parents[1] / "examples" / "toy_preferences.jsonl"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    Trainer(load_config(TrainConfig, None, dict(
+        model=str(smollm2), data=str(data), lora=8, batch_size=2, max_steps=2, max_length=96, max_rows=4, val_size=0,
+        lr=1e-4, context_format="template", output_dir=str(runs / "ins-smol"), cache_dir=str(CACHE)))).train()
+    return runs
+
+
+def test_arena_with_a_real_chat_checkpoint(chat_runs):
+    """Both answers are non-empty English (the chat template is applied to a typed prompt); with no
+    world the judge defaults to none (vote only), and SmolLM2 itself can judge (llm judge by name)."""
+    import shutil
+
+    from conftest import workbench_server
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed")
+    with workbench_server("app", "--runs_dir", str(chat_runs), "--cache_dir", str(CACHE),
+                          env={"GRADIO_ANALYTICS_ENABLED": "False"}) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        page.goto(base + "/")
+        page.get_by_role("button", name="Compare").wait_for(timeout=60_000)
+        assert page.get_by_label("Checkpoint B").first.input_value() == "smollm2"
+        assert page.get_by_label("Judge", exact=True).input_value() == "none (vote only)"
+        page.get_by_label("Prompt", exact=True).fill("Write a one-sentence review of a pizza place.")
+        page.get_by_role("button", name="Compare").click()
+        page.get_by_text("No judge: vote below.").wait_for(timeout=180_000)
+        for side in ("Answer A", "Answer B"):
+            text = page.get_by_label(side).input_value()
+            assert len(text.split()) >= 4 and sum(c.isalpha() for c in text) > 10, text
+        judge_model = page.get_by_label("Judge model (reward model or judge LM)")
+        judge_model.fill("smollm2")
+        judge_model.press("Tab")
+        page.get_by_label("Judge", exact=True).click()
+        page.get_by_role("option", name="llm").click()
+        page.get_by_role("button", name="Compare").click()
+        page.get_by_text("P(A better) =").wait_for(timeout=180_000)
+        assert "llm judge" in page.inner_text("body")
+        browser.close()
+
+
+def test_the_sentiment_demo_fast(tmp_path):
+    """`workbench demo --world sentiment --fast`: pairs from SmolLM2 labelled by VADER, LoRA DPO and
+    INS-DPO, every row measured (V, reward, KL) and a report with the frontier."""
+    import json
+
+    from workbench.cli import main
+
+    assert main(["demo", "--world", "sentiment", "--fast", "--output_dir", str(tmp_path / "demo"), "--cache_dir",
+                 str(CACHE)]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    rows = {r["objective"] + "/" + r["strategy"]: r for r in summary["table"]}
+    assert set(rows) == {"pi_ref/-", "dpo/none", "dpo/symmetric"}
+    for r in summary["runs"]:
+        d = r["deployed"]
+        assert 0 <= d["V_identity"] <= 1 and -1 <= d["reward"] <= 1 and d["kl_samples"] > 0
+        answers = [a for row in d["answers"] for a in row]
+        assert sum(bool(a.strip()) for a in answers) >= 0.9 * len(answers)  # real answers, not empty strings
+    ref = next(r for r in summary["runs"] if r["objective"] == "pi_ref")
+    assert ref["deployed"]["kl"] == pytest.approx(0.0, abs=1e-6)  # pi_ref against itself
+    assert {p["strategy"] for p in summary["frontier"]} >= {"pi_ref", "none", "symmetric"}
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "reward vs KL" in html and "Answers side by side" in html

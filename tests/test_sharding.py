@@ -1,0 +1,117 @@
+"""FSDP2 across processes on CPU (gloo, torchrun): the same run as one process, exact resume from
+sharded (DCP) checkpoints, a consolidated final/, LoRA, and state that halves per rank."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from conftest import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "examples" / "toy_preferences.jsonl")
+
+
+def train(out: Path, cache: Path, *args: str, procs: int = 1) -> subprocess.CompletedProcess:
+    common = ["--model", "tiny", "--data", TOY, "--max_length", "96", "--val_size", "8", "--cache_dir", str(cache),
+              "--tiny_hidden", "32", "--output_dir", str(out), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+               str(free_port()), "-m", "workbench", "train"] if procs > 1 else [sys.executable, "-m", "workbench", "train"])
+    res = subprocess.run(launch + common, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def rows(run: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Full fine-tuning, 4 steps, accumulation 2, a clipping limit below every gradient norm:
+    one process without sharding, and two FSDP2 processes with checkpoints every 2 steps."""
+    root = tmp_path_factory.mktemp("fsdp")
+    cache = root / "cache"
+    kw = ["--lr", "1e-3", "--max_steps", "4", "--grad_accum", "2", "--max_grad_norm", "0.05"]
+    train(root / "one", cache, *kw, "--batch_size", "4")
+    two = train(root / "two", cache, *kw, "--batch_size", "2", "--sharding", "fsdp2", "--save_every", "2", procs=2)
+    return root, cache, kw, two
+
+
+def test_fsdp2_two_processes_train_like_one(runs):
+    root, _, _, two = runs
+    assert "2 process(es)" in two.stdout
+    assert_close(torch.tensor(rows(root / "two", "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5, rtol=0)
+    assert_close(torch.tensor(rows(root / "two", "eval/loss")), torch.tensor(rows(root / "one", "eval/loss")),
+                 atol=1e-5, rtol=0)
+    norms_two, norms_one = rows(root / "two", "grad_norm"), rows(root / "one", "grad_norm")
+    assert all(n > 0.05 for n in norms_two)  # the limit binds at every step
+    assert_close(torch.tensor(norms_two), torch.tensor(norms_one), atol=1e-5, rtol=1e-5)
+    # parameters + gradients + Adam state per rank: half of one process's
+    one_mb, two_mb = rows(root / "one", "state_mb")[-1], rows(root / "two", "state_mb")[-1]
+    assert 0.45 < two_mb / one_mb < 0.55
+
+
+def test_fsdp2_clipping_changes_the_update(runs, tmp_path):
+    """The stale-parameter bug made clipping a no-op under FSDP2: without the limit the run differs."""
+    root, cache, kw, _ = runs
+    free = [a if a != "0.05" else "0" for a in kw]
+    train(tmp_path / "noclip", cache, *free, "--batch_size", "2", "--sharding", "fsdp2", procs=2)
+    assert rows(tmp_path / "noclip", "loss")[1:] != pytest.approx(rows(root / "two", "loss")[1:], abs=1e-6)
+
+
+def test_fsdp2_final_is_one_plain_checkpoint(runs):
+    """final/ is consolidated (no shards) and loads in a single process with the weights of the
+    single-process run."""
+    from transformers import AutoModelForCausalLM
+
+    root = runs[0]
+    a, b = load_file(str(root / "one" / "final" / "model.safetensors")), load_file(str(root / "two" / "final" /
+                                                                                        "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    AutoModelForCausalLM.from_pretrained(root / "two" / "final")
+    ckpt = root / "two" / "checkpoints" / "step-2"
+    assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one file of shards per rank, nothing gathered
+
+
+def test_fsdp2_resume_from_sharded_checkpoints(runs, tmp_path):
+    """As if killed after the step-2 checkpoint: the resumed run reproduces the uninterrupted one."""
+    root, cache, kw, _ = runs
+    run = tmp_path / "two"
+    shutil.copytree(root / "two", run)
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    shutil.rmtree(run / "final")
+    res = train(run, cache, *kw, "--batch_size", "2", "--sharding", "fsdp2", "--save_every", "2", "--resume", procs=2)
+    assert "resumed from" in res.stdout and "step-2 at step 2" in res.stdout
+    assert rows(run, "loss") == rows(root / "two", "loss")
+    a, b = load_file(str(root / "two" / "final" / "model.safetensors")), load_file(str(run / "final" /
+                                                                                     "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_lora_with_fsdp2(runs, tmp_path):
+    """LoRA adapters trained under FSDP2 (base sharded, frozen) give the single process's merged model."""
+    _, cache, _, _ = runs
+    kw = ["--lr", "1e-2", "--max_steps", "3", "--lora", "4"]
+    train(tmp_path / "one", cache, *kw, "--batch_size", "4")
+    train(tmp_path / "two", cache, *kw, "--batch_size", "2", "--sharding", "fsdp2", procs=2)
+    assert_close(torch.tensor(rows(tmp_path / "two", "loss")), torch.tensor(rows(tmp_path / "one", "loss")),
+                 atol=1e-5, rtol=0)
+    a, b = load_file(str(tmp_path / "one" / "final" / "model.safetensors")), load_file(str(tmp_path / "two" / "final" /
+                                                                                         "model.safetensors"))
+    assert sorted(a) == sorted(b) and not any("lora" in k for k in b)
+    for k in a:
+        assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
