@@ -170,6 +170,10 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, acc = self.cfg, self.acc
+        if acc.distributed_type.name == "FSDP":
+            raise ValueError("accelerate's FSDP plugin is not used: launch with configs/accelerate/fsdp2.yaml (a plain "
+                             "multi-process launcher) and pass --sharding fsdp2; the workbench shards the model itself, "
+                             "with the same code on CPU and GPU")
         torch.manual_seed(cfg.seed)
         self.plan, policy = prepare(cfg, acc, self.say)
         plan, run = self.plan, self.plan.run

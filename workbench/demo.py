@@ -33,7 +33,7 @@ WORLD_DEFAULTS = {
                   n_eval=300, lora=0, context_format="sep"),
     # a chat model: the alternative goes inside the assistant turn as text (template); `sep` would fall back
     # to the end-of-turn token as separator, after which the model ends its turn
-    "sentiment": dict(family="bradley_terry", strength=4.0, max_steps=40, batch_size=8, lr=1e-3, beta=0.1,
+    "sentiment": dict(family="bradley_terry", strength=4.0, max_steps=30, batch_size=8, lr=1e-3, beta=0.1,
                       max_length=192, n_eval=2, lora=16, context_format="template"),
 }
 
@@ -52,7 +52,7 @@ class DemoConfig:
     objectives: list = opt(["dpo"], "objectives to train")
     strategies: list = opt(["none", "symmetric"], "strategies to compare")
     n_pairs: int = opt(2000, "token world: labelled pairs sampled from pi_ref per seed")
-    max_steps: int | None = opt(None, "optimizer steps per run (default 375 / 40)")
+    max_steps: int | None = opt(None, "optimizer steps per run (default 375 / 30)")
     batch_size: int | None = opt(None, "pairs per step (default 16 / 8)")
     lr: float | None = opt(None, "peak learning rate (default 3e-4 / 1e-3 for LoRA)")
     beta: float | None = opt(None, "objective beta (default 0.5 / 0.1)")
@@ -65,7 +65,7 @@ class DemoConfig:
     pretrain_steps: int = opt(300, "token world: steps of pre-training that make pi_ref")
     n_eval: int | None = opt(None, "opponent samples per prompt when estimating V (default 300 / 2)")
     n_train_prompts: int = opt(180, "sentiment world: training prompts (the rest are held out)")
-    n_eval_prompts: int = opt(40, "sentiment world: held-out prompts evaluated")
+    n_eval_prompts: int = opt(32, "sentiment world: held-out prompts evaluated")
     pairs_per_prompt: int = opt(2, "sentiment world: labelled pairs per training prompt")
     max_new_tokens: int = opt(48, "sentiment world: answer length cap (tokens)")
     kl_samples: int = opt(1, "sentiment world: samples per prompt at T = 1 for the KL / frontier estimate")

@@ -87,7 +87,7 @@ def run_sentiment_demo(cfg, log=print) -> dict:
                        "name": f"{name} final", "run": name, "order": cfg.max_steps})
         if cfg.frontier_checkpoint and mid < cfg.max_steps:
             ck = res.run_dir / "checkpoints" / f"step-{mid}"
-            m = sentiment_value(world, ck, ref_dir, opp, seed=seed, reflective=False, **measure)["deployed"]
+            m = sentiment_value(world, ck, ref_dir, opp, seed=seed, frontier_only=True, **measure)["deployed"]
             points.append({"strategy": strategy, "kl": m["kl"], "reward": m["reward_t1"], "name": f"{name} step {mid}",
                            "run": name, "order": mid})
         d = ev["deployed"]

@@ -65,8 +65,10 @@ def _value(world, texts, opp, n_boot, seed) -> dict:
 
 def sentiment_value(world: SentimentWorld, model_dir: str | Path, ref_dir: str | Path, opp: list[list[str]], *,
                     temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, reflective: bool = False,
-                    builder: BuilderConfig | None = None, kl_samples: int = 1, n_boot: int = 1000) -> dict:
-    """{"deployed": V, reward, KL and the frontier point; "reflective": V of pi(.|x, y')} for one model."""
+                    builder: BuilderConfig | None = None, kl_samples: int = 1, n_boot: int = 1000,
+                    frontier_only: bool = False) -> dict:
+    """{"deployed": V, reward, KL and the frontier point; "reflective": V of pi(.|x, y')} for one model.
+    With `frontier_only`, just the frontier point (KL and reward of samples at T = 1)."""
     from inspo_core.generation import rendering_of
     from inspo_core.strategies import W_GIVEN_L
 
@@ -77,8 +79,12 @@ def sentiment_value(world: SentimentWorld, model_dir: str | Path, ref_dir: str |
     ids = [plain.generation_ids(p) for p in world.prompts]
     gen = dict(max_new_tokens=world.cfg.max_new_tokens)
     n = len(opp[0])
-    deployed = sample_batch(model, tok, ids, n=n, seed=seed * 104_729 + 1, temperature=temperature, top_p=top_p, **gen)
-    out = {"deployed": {**_value(world, deployed, opp, n_boot, seed), "answers": deployed}}
+    if frontier_only:
+        out = {"deployed": {}}
+    else:
+        deployed = sample_batch(model, tok, ids, n=n, seed=seed * 104_729 + 1, temperature=temperature, top_p=top_p,
+                                **gen)
+        out = {"deployed": {**_value(world, deployed, opp, n_boot, seed), "answers": deployed}}
     # the frontier point: samples of the policy itself (T = 1), their reward and log-ratio to pi_ref
     pure = sample_batch(model, tok, ids, n=kl_samples, seed=seed * 15_485_863 + 2, temperature=1.0, top_p=1.0, **gen)
     lp = answer_logps(model, tok, world.prompts, pure)
@@ -92,7 +98,7 @@ def sentiment_value(world: SentimentWorld, model_dir: str | Path, ref_dir: str |
         "kl": float(ratio.mean()),
         "kl_ci": list(bootstrap_ci(lambda i: float(ratio[i].mean()), len(ratio), n_boot=n_boot, seed=seed)),
         "reward_t1": float(r1.mean()), "kl_samples": int(len(ratio))})
-    if reflective:  # every (prompt, alternative) as its own row, batched across prompts
+    if reflective and not frontier_only:  # every (prompt, alternative) as its own row, batched across prompts
         cond = ConditioningBuilder(tok, render, [W_GIVEN_L])
         rows = [cond.generation_ids(p, alt if alt.strip() else None) for p, alts in zip(world.prompts, opp)
                 for alt in alts]
