@@ -311,7 +311,18 @@ class Trainer:
         )
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so another run in the same process (demo, sweep,
+    notebooks, tests) starts from its own settings (accumulation steps, precision)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def train(cfg: TrainConfig) -> TrainResult:
+    """One run in this process, after any earlier one."""
+    reset_accelerate_state()
     return Trainer(cfg).train()
 
 

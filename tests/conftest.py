@@ -44,6 +44,21 @@ def tiny_model(tokenizer):
     return tiny_llama(len(tokenizer), seed=0).eval()
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset before a test that builds Trainers in this process."""
+    from inspo_core.trainer import reset_accelerate_state
+
+    reset_accelerate_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A reference/tiny-model cache shared by the tests of one module."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
 @contextlib.contextmanager
 def workbench_server(*args: str, probe: str = "/", env: dict | None = None, headers: dict | None = None):
     """Run `python -m workbench <args> --port P` on 127.0.0.1; yields http://127.0.0.1:P once `probe` answers."""

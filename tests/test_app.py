@@ -18,8 +18,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), r
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
     """A small world's pi_ref and a short INS-DPO run trained from it."""
-    from accelerate.state import AcceleratorState, GradientState
-
+    from inspo_core.trainer import reset_accelerate_state
     from inspo_core.config import TrainConfig
     from inspo_core.trainer import Trainer
     from inspo_core.worlds.token import TokenWorld, TokenWorldConfig, build_reference, sample_pairs
@@ -30,8 +29,7 @@ def runs_dir(tmp_path_factory):
     ref = build_reference(w, root / "cache", log=lambda m: None)
     shutil.copytree(ref, runs / "pi_ref")
     pairs = sample_pairs(w, ref, 64, root / "pairs.jsonl", log=lambda m: None)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     Trainer(TrainConfig(model=str(runs / "pi_ref"), data=str(pairs), max_steps=4, batch_size=4, lr=1e-3, beta=0.5,
                         val_size=8, dedup=False, max_length=96, output_dir=str(runs / "ins-dpo"),
                         cache_dir=str(root / "cache"), eval_every=2)).train()

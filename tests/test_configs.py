@@ -18,6 +18,8 @@ YAMLS = sorted(p for p in ROOT.rglob("*.y*ml") if ".git" not in p.parts and p.su
 ACCELERATE = [p for p in YAMLS if "accelerate" in p.parts]
 TRAIN = [p for p in YAMLS if p not in ACCELERATE]
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def test_yaml_files_found():
     assert len(TRAIN) >= 21 and len(ACCELERATE) >= 3
@@ -46,14 +48,6 @@ def test_accelerate_configs_parse(path):
 
 
 PAPER = [p for p in TRAIN if "paper" in p.parts]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 # What the tiny-model run swaps out of a paper config: the 7B model and its data, and the sizes a CPU

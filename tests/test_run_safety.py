@@ -14,19 +14,7 @@ from inspo_core.checkpoint import CheckpointError
 from inspo_core.trainer import Trainer, TrainingError
 from test_trainer import cfg, losses, weights
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ---- the method -------------------------------------------------------------------------------------

@@ -90,20 +90,17 @@ def test_generation_from_a_text_prompt_is_english(smollm2):
 
 
 def test_two_lora_steps_of_ins_dpo_with_the_reference_cache(smollm2, tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
+    from inspo_core.trainer import reset_accelerate_state
     from inspo_core.config import TrainConfig, load_config
     from inspo_core.trainer import Trainer
 
     data = Path(__file__).resolve().parents[1] / "examples" / "toy_preferences.jsonl"
     kw = dict(model=str(smollm2), data=str(data), lora=8, batch_size=2, max_steps=2, max_length=96, max_rows=4,
               val_size=0, lr=1e-4, packing="tree", cache_dir=str(tmp_path / "cache"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     first = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "a")})).train()
     assert first.ref_stats.forwards > 0 and all(map(lambda x: x == x, [first.final_loss]))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     second = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "b"), "seed": 1})).train()
     assert second.ref_stats.cache_hit  # keyed on the base model: a reseeded LoRA run reuses it
     assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
@@ -112,15 +109,13 @@ def test_two_lora_steps_of_ins_dpo_with_the_reference_cache(smollm2, tmp_path):
 @pytest.fixture(scope="module")
 def chat_runs(smollm2, tmp_path_factory):
     """runs/ holding a LoRA INS-DPO run trained from SmolLM2 (2 steps, merged into final/)."""
-    from accelerate.state import AcceleratorState, GradientState
-
+    from inspo_core.trainer import reset_accelerate_state
     from inspo_core.config import TrainConfig, load_config
     from inspo_core.trainer import Trainer
 
     runs = tmp_path_factory.mktemp("chat") / "runs"
     data = Path(__file__).resolve().parents[1] / "examples" / "toy_preferences.jsonl"
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     Trainer(load_config(TrainConfig, None, dict(
         model=str(smollm2), data=str(data), lora=8, batch_size=2, max_steps=2, max_length=96, max_rows=4, val_size=0,
         lr=1e-4, context_format="template", output_dir=str(runs / "ins-smol"), cache_dir=str(CACHE)))).train()

@@ -23,19 +23,7 @@ CONTRACT_METRICS = ["step", "epoch", "loss", "lr", "grad_norm", "rewards/chosen"
                     "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens_per_s",
                     "pairs_per_s", "peak_mem_mb"]
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def cfg(tmp_path, cache_dir, **kw):

@@ -36,7 +36,7 @@ def config_from_args(cls, args: argparse.Namespace):
 # by name, so the command line depends on no front-end (the app's modules load only for `app`).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("the main job: DPO vs INS-DPO end to end in a synthetic world with an exact oracle (CPU, minutes)",
-             "workbench.demo:DemoConfig", "workbench.demo:run_demo"),
+             "workbench.demo_config:DemoConfig", "workbench.demo:run_demo"),
     "train": ("one training run (also under `accelerate launch -m workbench train ...`)",
               "inspo_core.config:TrainConfig", "workbench.train:run_train"),
     "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", "workbench.evaluation:EvalConfig",

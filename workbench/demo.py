@@ -11,110 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from inspo_core.config import opt
 from inspo_core.conditioning import BuilderConfig
 from inspo_core.evaluate import describe_checkpoint, write_json
 from inspo_core.rundir import RunDir
-from inspo_core.objectives import OBJECTIVES
-from inspo_core.strategies import STRATEGIES
-from inspo_core.worlds.preferences import FAMILIES
-from inspo_core.worlds.sentiment import FAMILIES as SENTIMENT_FAMILIES
+from workbench.demo_config import DemoConfig, run_config
 
-
-WORLDS = ("token", "sentiment")
-# settings whose default depends on the world (None in DemoConfig means "the world's default")
-WORLD_DEFAULTS = {
-    "token": dict(family="cyclic", strength=3.0, max_steps=375, batch_size=16, lr=3e-4, beta=0.5, max_length=96,
-                  n_eval=300, lora=0, context_format="sep"),
-    # a chat model: the alternative goes inside the assistant turn as text (template); `sep` would fall back
-    # to the end-of-turn token as separator, after which the model ends its turn
-    "sentiment": dict(family="bradley_terry", strength=4.0, max_steps=30, batch_size=8, lr=1e-3, beta=0.1,
-                      max_length=192, n_eval=2, lora=16, context_format="template"),
-}
-
-
-@dataclass
-class DemoConfig:
-    world: str = opt("token", "token: a synthetic world with a tiny LM (minutes); sentiment: SmolLM2-135M-Instruct "
-                     "with a VADER oracle (about an hour on 2 CPU cores)", choices=list(WORLDS))
-    family: str | None = opt(None, "preference family (token: cyclic, bradley_terry, salience; sentiment: "
-                             "bradley_terry, salience); default cyclic / bradley_terry")
-    n_contexts: int = opt(4, "token world: prompts")
-    n_items: int = opt(6, "token world: items a response can name")
-    strength: float | None = opt(None, "sharpness of the preferences (default 3 / 4)")
-    world_seed: int = opt(0, "seed of the world (token: preferences, pi_gen, pi_ref init; sentiment: prompt split)")
-    seeds: list = opt([0, 1, 2, 3, 4], "training seeds (token worlds re-sample pairs per seed)")
-    objectives: list = opt(["dpo"], "objectives to train")
-    strategies: list = opt(["none", "symmetric"], "strategies to compare")
-    n_pairs: int = opt(2000, "token world: labelled pairs sampled from pi_ref per seed")
-    max_steps: int | None = opt(None, "optimizer steps per run (default 375 / 30)")
-    batch_size: int | None = opt(None, "pairs per step (default 16 / 8)")
-    lr: float | None = opt(None, "peak learning rate (default 3e-4 / 1e-3 for LoRA)")
-    beta: float | None = opt(None, "objective beta (default 0.5 / 0.1)")
-    lora: int | None = opt(None, "LoRA rank, 0 for full fine-tuning (default 0 / 16)")
-    packing: str = opt("padded", "padded or tree", choices=["padded", "tree"])
-    context_format: str | None = opt(None, "how the alternative is shown (default sep / template)",
-                                     choices=["sep", "raw", "template"])
-    max_length: int | None = opt(None, "maximum tokens of one training sequence (default 96 / 192)")
-    alpha_draft: float | None = opt(0.4, "cap on the context response as a fraction of max_length (null: none)")
-    pretrain_steps: int = opt(300, "token world: steps of pre-training that make pi_ref")
-    n_eval: int | None = opt(None, "opponent samples per prompt when estimating V (default 300 / 2)")
-    n_train_prompts: int = opt(180, "sentiment world: training prompts (the rest are held out)")
-    n_eval_prompts: int = opt(32, "sentiment world: held-out prompts evaluated")
-    pairs_per_prompt: int = opt(2, "sentiment world: labelled pairs per training prompt")
-    max_new_tokens: int = opt(48, "sentiment world: answer length cap (tokens)")
-    kl_samples: int = opt(1, "sentiment world: samples per prompt at T = 1 for the KL / frontier estimate")
-    val_pairs: int = opt(24, "sentiment world: pairs held out for the validation loss")
-    frontier_checkpoint: bool = opt(True, "sentiment world: also measure the mid-training checkpoint (frontier)")
-    temperature: float = opt(0.7, "sampling temperature of every evaluated policy, pi_ref's row included (paper: 0.7)")
-    top_p: float = opt(0.95, "nucleus sampling of every evaluated policy (paper: 0.95)")
-    reflective: bool = opt(True, "also measure pi(.|x, y') with y' from pi_ref (the conditioned class)")
-    fast: bool = opt(False, "a small configuration for CI and a first look (minutes)")
-    output_dir: str = opt("runs/demo", "where runs, summary.json and report.html go")
-    overwrite: bool = opt(False, "replace an earlier demo's runs and report in output_dir")
-    cache_dir: str = opt(".cache/inspo", "pi_ref, pairs and reference log-probs cache")
-
-    def __post_init__(self):
-        problems = []
-        if self.world not in WORLDS:
-            raise ValueError(f"invalid DemoConfig: world={self.world!r}; valid: {', '.join(WORLDS)}")
-        for k, v in WORLD_DEFAULTS[self.world].items():
-            if getattr(self, k) is None:
-                setattr(self, k, v)
-        bad = sorted(set(self.objectives) - set(OBJECTIVES))
-        if bad:
-            problems.append(f"objectives {bad} unknown; valid: {', '.join(OBJECTIVES)}")
-        bad = sorted(set(self.strategies) - set(STRATEGIES))
-        if bad:
-            problems.append(f"strategies {bad} unknown; valid: {', '.join(STRATEGIES)}")
-        families = FAMILIES if self.world == "token" else SENTIMENT_FAMILIES
-        if self.family not in families:
-            problems.append(f"family={self.family!r} in the {self.world} world; valid: {', '.join(families)}")
-        if not self.seeds:
-            problems.append("seeds must name at least one seed")
-        self.seeds = [int(s) for s in self.seeds]
-        if problems:
-            raise ValueError("invalid DemoConfig:\n  - " + "\n  - ".join(problems))
-        if self.fast:
-            self.seeds = self.seeds[:2]
-            if self.world == "token":
-                self.n_pairs = min(self.n_pairs, 800)
-                self.max_steps = min(self.max_steps, 120)
-                self.n_eval = min(self.n_eval, 150)
-            else:
-                self.strategies = self.strategies[:2]
-                self.seeds = self.seeds[:1]
-                self.n_train_prompts = min(self.n_train_prompts, 24)
-                self.n_eval_prompts = min(self.n_eval_prompts, 8)
-                self.max_steps = min(self.max_steps, 6)
-                self.max_new_tokens = min(self.max_new_tokens, 24)
-                self.val_pairs = min(self.val_pairs, 4)
-                self.frontier_checkpoint = False
 
 
 def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) -> dict:
@@ -123,10 +28,7 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
 
         _check_output(cfg)
         return run_sentiment_demo(cfg, log)
-    from accelerate.state import AcceleratorState, GradientState
-
-    from inspo_core.config import TrainConfig
-    from inspo_core.trainer import Trainer
+    from inspo_core.trainer import train
     from inspo_core.worlds.evaluation import reference_samples, theory_ceilings, world_value
     from inspo_core.worlds.token import TokenWorld, TokenWorldConfig, build_reference, sample_pairs
     from workbench.report import aggregate, format_table, write_demo_report
@@ -159,15 +61,8 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
         pairs = sample_pairs(world, ref_dir, cfg.n_pairs, wdir / f"pairs-{cfg.n_pairs}-s{seed}.jsonl", seed=seed, log=log)
         name = f"{objective}-{strategy}-s{seed}"
         log(f"[{i}/{len(combos)}] training {name}")
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        tcfg = TrainConfig(model=str(ref_dir), data=str(pairs), objective=objective, strategy=strategy, seed=seed,
-                           beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
-                           context_format=cfg.context_format, max_length=cfg.max_length,
-                           alpha_draft=cfg.alpha_draft, val_size=100, dedup=False,
-                           eval_every=max(1, cfg.max_steps // 5), log_every=5, output_dir=str(out / name),
-                           cache_dir=cfg.cache_dir, overwrite=cfg.overwrite, lora=cfg.lora, packing=cfg.packing)
-        res = Trainer(tcfg).train()
+        res = train(run_config(cfg, objective, strategy, seed, ref_dir, pairs, val_size=100,
+                               eval_every=max(1, cfg.max_steps // 5), log_every=5))
         ev = world_value(world, res.run_dir / "final", ref_texts, seed=seed, reflective=cfg.reflective,
                          builder=builder, **sampling)
         write_json(res.run_dir / "eval.json", {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",

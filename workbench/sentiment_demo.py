@@ -21,13 +21,11 @@ from inspo_core.atomic import atomic_write_text
 from inspo_core.conditioning import BuilderConfig
 from inspo_core.evaluate import describe_checkpoint, write_json
 from inspo_core.plots import figures_html, frontier, page, training_curves, value_bars
+from workbench.demo_config import DemoConfig, run_config
 
 
-def run_sentiment_demo(cfg, log=print) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
-
-    from inspo_core.config import TrainConfig
-    from inspo_core.trainer import Trainer
+def run_sentiment_demo(cfg: DemoConfig, log=print) -> dict:
+    from inspo_core.trainer import train
     from inspo_core.worlds.sentiment import (
         SentimentWorld, SentimentWorldConfig, reference_dir, sample_pairs, world_dir,
     )
@@ -66,15 +64,8 @@ def run_sentiment_demo(cfg, log=print) -> dict:
     for i, (objective, strategy, seed) in enumerate(combos, 1):
         name = f"{objective}-{strategy}-s{seed}"
         log(f"[{i}/{len(combos)}] training {name} ({cfg.max_steps} LoRA steps)")
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        tcfg = TrainConfig(model=str(ref_dir), data=str(pairs), objective=objective, strategy=strategy, seed=seed,
-                           beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
-                           lora=cfg.lora, context_format=cfg.context_format, max_length=cfg.max_length,
-                           alpha_draft=cfg.alpha_draft, val_size=cfg.val_pairs, dedup=False, packing=cfg.packing,
-                           eval_every=mid, save_every=mid, log_every=1, output_dir=str(out / name),
-                           cache_dir=cfg.cache_dir, overwrite=cfg.overwrite)
-        res = Trainer(tcfg).train()
+        res = train(run_config(cfg, objective, strategy, seed, ref_dir, pairs, val_size=cfg.val_pairs,
+                               eval_every=mid, save_every=mid, log_every=1))
         ev = sentiment_value(world, res.run_dir / "final", ref_dir, opp, seed=seed, reflective=cfg.reflective,
                              **measure)
         write_json(res.run_dir / "eval.json", {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",

@@ -36,9 +36,7 @@ class SweepConfig:
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> list[dict]:
-    from accelerate.state import AcceleratorState, GradientState
-
-    from inspo_core.trainer import Trainer
+    from inspo_core.trainer import Trainer, reset_accelerate_state
 
     axes = cfg.axes()
     combos = [dict(zip(axes, vals)) for vals in itertools.product(*axes.values())]
@@ -52,8 +50,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> list[dict]:
         log(f"[{i}/{len(plans)}] {name}")
         if cfg.dry_run:
             continue
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         res = Trainer(tcfg).train()
         results.append({"name": name, "run_dir": str(res.run_dir), "final_loss": res.final_loss,
                         "best_eval_loss": res.best_eval_loss, "reference_forwards": res.ref_stats.forwards})
