@@ -65,7 +65,7 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
                                eval_every=max(1, cfg.max_steps // 5), log_every=5))
         ev = world_value(world, res.run_dir / "final", ref_texts, seed=seed, reflective=cfg.reflective,
                          builder=builder, **sampling)
-        write_json(res.run_dir / "eval.json", {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",
+        write_json(RunDir(res.run_dir).eval_json, {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",
                                                "sampling": sampling, "seed": seed,
                                                "opponent": "pi_ref samples at T=1, top-p 1",
                                                "world": dataclasses.asdict(wcfg), **ev})

@@ -81,7 +81,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     judge = make_judge(cfg.judge, world=world, path=judge_model, base_url=cfg.judge_url,
                        trust_remote_code=cfg.trust_remote_code)
     judge.check()  # an unreachable judge stops here, before any sampling
-    out_path = Path(cfg.output) if cfg.output else ckpts[0].parent / "eval.json"
+    run = RunDir.of_model(ckpts[0])
+    out_path = Path(cfg.output) if cfg.output else (run.eval_json if run else ckpts[0].parent / "eval.json")
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     gen = dict(n=cfg.n_samples, trust_remote_code=cfg.trust_remote_code, **sampling)
     base_id = describe_checkpoint(baseline)

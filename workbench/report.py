@@ -113,7 +113,7 @@ def write_runs_report(path: str | Path, run_dirs: list[Path]) -> None:
     runs = [{"name": d.name, "strategy": RunDir(d).read_config().get("strategy", "?"), "run_dir": str(d)}
             for d in run_dirs]
     parts = ["<h1>Runs</h1>"] + figures_html([training_curves(runs), eval_curves(runs)])
-    evals = {d.name: json.loads((d / "eval.json").read_text()) for d in run_dirs if (d / "eval.json").exists()}
+    evals = {d.name: json.loads(RunDir(d).eval_json.read_text()) for d in run_dirs if RunDir(d).eval_json.exists()}
     if evals:
         parts.append("<h2>eval.json</h2><pre>" + html.escape(json.dumps(evals, indent=1)[:20000]) + "</pre>")
     atomic_write_text(path, page("InSPO Workbench runs", parts))

@@ -20,6 +20,7 @@ import numpy as np
 from inspo_core.atomic import atomic_write_text
 from inspo_core.conditioning import BuilderConfig
 from inspo_core.evaluate import describe_checkpoint, write_json
+from inspo_core.rundir import RunDir
 from inspo_core.plots import figures_html, frontier, page, training_curves, value_bars
 from workbench.demo_config import DemoConfig, run_config
 
@@ -68,7 +69,7 @@ def run_sentiment_demo(cfg: DemoConfig, log=print) -> dict:
                                eval_every=mid, save_every=mid, log_every=1))
         ev = sentiment_value(world, res.run_dir / "final", ref_dir, opp, seed=seed, reflective=cfg.reflective,
                              **measure)
-        write_json(res.run_dir / "eval.json", {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",
+        write_json(RunDir(res.run_dir).eval_json, {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",
                                                "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p},
                                                "seed": seed, "opponent": "pi_ref samples at T=1, top-p 1",
                                                "world": dataclasses.asdict(wcfg), **ev})

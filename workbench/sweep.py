@@ -10,7 +10,7 @@ from pathlib import Path
 
 from inspo_core.config import TrainConfig, coerce, load_config, opt
 from inspo_core.evaluate import write_json
-from inspo_core.rundir import MetricsLog
+from inspo_core.rundir import RunDir
 
 
 @dataclass
@@ -68,10 +68,10 @@ class CompareConfig:
 def find_runs(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
-        if (p / "metrics.jsonl").is_file():
+        if RunDir(p).metrics.path.is_file():
             out.append(p)
         elif p.is_dir():
-            out += sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file())
+            out += sorted(d for d in p.iterdir() if RunDir(d).metrics.path.is_file())
         else:
             raise ValueError(f"{p}: not a run directory")
     if not out:
@@ -80,12 +80,10 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 
 def compare_table(run_dirs: list[Path]) -> list[dict]:
-    import yaml
-
     rows = []
     for d in run_dirs:
-        conf = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
-        metrics = MetricsLog(d / "metrics.jsonl").rows()
+        run = RunDir(d)
+        conf, metrics = run.read_config(), run.metrics.rows()
         train = [r for r in metrics if "loss" in r]
         ev = [r for r in metrics if "eval/loss" in r]
         row = {"run": d.name, "objective": conf.get("objective"), "strategy": conf.get("strategy"),
@@ -93,8 +91,8 @@ def compare_table(run_dirs: list[Path]) -> list[dict]:
                "eval/loss": ev[-1]["eval/loss"] if ev else None,
                "eval/accuracy": ev[-1].get("eval/rewards/accuracies") if ev else None,
                "eval/reflection_gain": ev[-1].get("eval/reflection/gain") if ev else None}
-        if (d / "eval.json").is_file():
-            doc = json.loads((d / "eval.json").read_text())
+        if run.eval_json.is_file():
+            doc = json.loads(run.eval_json.read_text())
             if "deployed" in doc:
                 row["V"] = doc["deployed"]["V_identity"]
             elif doc.get("results"):
