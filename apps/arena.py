@@ -358,7 +358,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             timer.tick(lambda s, on: wb.dashboard(s) if on else (gr.update(), gr.update(), gr.update()),
                        [sel, live], [plot, conf, last])
             live.change(lambda on: gr.Timer(active=on), live, timer)
-    app.queue(default_concurrency_limit=1)  # one generation at a time; other users wait in the queue
+    app.queue(default_concurrency_limit=1, max_size=16)  # one generation at a time; at most 16 wait, others are told to retry
     return app
 
 

@@ -2,14 +2,15 @@
 
 `checkpoints/step-N/` holds the model (`save_pretrained`, safetensors; LoRA runs hold the adapter),
 the tokenizer, `optimizer.pt`, `scheduler.pt`, `trainer_state.json` (step, RNG, the run's resolved
-config) and, written last, `manifest.json` (every file and its size). FSDP2 runs hold `dcp/` instead
-of the model and optimizer files: each rank's shards, written without gathering (torch distributed
-checkpoint; `torch.distributed.checkpoint.format_utils.dcp_to_torch_save` makes one file of them). A checkpoint is built in a
+config) and, written last, `manifest.json` (every file and its size). Sharded runs hold their engine's
+checkpoint instead of the model and optimizer files, each rank writing its own shards, nothing
+gathered: FSDP2 `dcp/` (torch distributed checkpoint; `torch.distributed.checkpoint.format_utils.
+dcp_to_torch_save` makes one file of it), ZeRO-3 `accelerate_state/` (DeepSpeed's; its
+`zero_to_fp32.py` consolidates it). A checkpoint is built in a
 hidden temporary directory and renamed into place, so an interrupted save leaves the previous
 checkpoint as the latest complete one; `verify_checkpoint` checks a checkpoint against its manifest
 so a damaged one (truncated weights, a missing optimizer state, an empty trainer state) is skipped
-with a reason instead of crashing a resume. Sharded runs (FSDP2, ZeRO-3) add `accelerate_state/`
-written by `Accelerator.save_state`, which every process takes part in.
+with a reason instead of crashing a resume.
 
 `final/` and `best/` are written the same way (temporary directory, then rename); a failure raises.
 """
@@ -68,7 +69,8 @@ def verify_checkpoint(path: Path) -> str | None:
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is empty or unreadable"
-    weights = [p for p in ("model.safetensors", "adapter_model.safetensors", "dcp/.metadata") if (path / p).is_file()]
+    weights = [p for p in ("model.safetensors", "adapter_model.safetensors", "dcp/.metadata", "accelerate_state/latest")
+               if (path / p).is_file()]
     weights += [p.name for p in path.glob("model-*.safetensors")]
     if not weights:
         return "no model weights"
@@ -208,11 +210,10 @@ def save_checkpoint(accelerator, scorer, lm, tokenizer, optimizer, scheduler, ru
         save_sharded(scorer, optimizer, tmp / "dcp")
         if accelerator.is_main_process:
             tokenizer.save_pretrained(tmp)
-    elif is_sharded(accelerator):  # accelerate's own FSDP / DeepSpeed engines
-        state = accelerator.get_state_dict(scorer)
-        if accelerator.is_main_process:
-            _write_model(lm, tokenizer, tmp, state, merge_lora=False)
+    elif is_sharded(accelerator):  # DeepSpeed ZeRO-3: its own checkpoint, each rank its partitions, no gather
         accelerator.save_state(str(tmp / "accelerate_state"))
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(tmp)
     elif accelerator.is_main_process:
         _write_model(lm, tokenizer, tmp, None, merge_lora=False)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -87,8 +87,8 @@ class TrainConfig:
     lora_alpha: float | None = opt(None, "LoRA alpha (default 2 * rank)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
     sharding: str = opt("none", "none: every process holds the whole model (DDP when launched on several); fsdp2: "
-                        "parameters, gradients and optimizer state sharded per decoder layer (FSDP2, CPU or GPU)",
-                        choices=list(SHARDINGS))
+                        "parameters, gradients and optimizer state sharded per decoder layer (FSDP2, CPU or GPU); "
+                        "zero3: DeepSpeed ZeRO-3 (pip install deepspeed)", choices=list(SHARDINGS))
     bf16: bool = opt(False, "bf16 autocast (where the hardware supports it)")
     logps_chunk_mb: float = opt(256, "memory budget of one fp32 logits chunk in the log-prob engine")
     packing: str = opt("padded", "padded: one row per view; tree: every view of a pair in one prefix tree",
@@ -135,6 +135,8 @@ class TrainConfig:
         if self.lora and self.ref_model not in (None, self.model):
             problems.append(f"ref_model={self.ref_model!r} with lora={self.lora}: a LoRA run's reference is its base "
                             "model with the adapters disabled; unset ref_model, or fine-tune fully (lora 0)")
+        if self.sharding == "zero3" and self.lora:
+            problems.append("lora with sharding zero3 is not supported; use sharding fsdp2 for LoRA")
         for name in ("save_every", "save_total_limit", "eval_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")

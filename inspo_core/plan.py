@@ -84,9 +84,11 @@ def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Modul
     per_epoch = len(train_pairs) // global_batch
     total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch))
 
-    # an FSDP2 checkpoint holds shards, not a model: start from the source, the shards are read after sharding
-    sharded_resume = resume_from is not None and (resume_from / "dcp").is_dir()
-    policy = _load_policy(cfg, source, None if sharded_resume else resume_from)
+    # a sharded checkpoint (FSDP2, ZeRO-3) holds shards, not a model: start from the source; the trainer reads
+    # the shards into the sharded model
+    sharded_resume = resume_from is not None and any((resume_from / d).is_dir() for d in ("dcp", "accelerate_state"))
+    with _whole_weights(acc):
+        policy = _load_policy(cfg, source, None if sharded_resume else resume_from)
     if cfg.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
         if enable is not None:
@@ -203,6 +205,24 @@ def _length_filter(cfg: TrainConfig, rows: list[dict], tokenizer, say) -> list[d
     return kept
 
 
+@contextlib.contextmanager
+def _whole_weights(acc):
+    """Models load with whole weights even when DeepSpeed ZeRO-3 is configured: accelerate registers
+    its config with transformers, which then partitions weights at load time whatever zero3_init_flag
+    says; the reference pass must run on whole weights, before the engine shards the policy."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
     dtype = torch.float32  # master weights in fp32; bf16 runs use autocast
     if cfg.lora:
@@ -240,8 +260,9 @@ def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pair
             if cfg.lora or (fresh and ref_source == source):  # the policy holds the reference's weights now
                 ref_model = policy
             else:
-                ref_model = load_model(ref_source, dtype=torch.float32,
-                                       trust_remote_code=cfg.trust_remote_code).to(acc.device)
+                with _whole_weights(acc):
+                    ref_model = load_model(ref_source, dtype=torch.float32,
+                                           trust_remote_code=cfg.trust_remote_code).to(acc.device)
         return ref_model
 
     results = []

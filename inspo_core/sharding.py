@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SHARDINGS = ("none", "fsdp2")
+SHARDINGS = ("none", "fsdp2", "zero3")
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:

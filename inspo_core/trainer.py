@@ -25,6 +25,7 @@ from inspo_core.checkpoint import (
     intact_checkpoints, load_trainer_state, mark_diverged, prune_checkpoints, save_checkpoint, save_model,
 )
 from inspo_core.config import TrainConfig
+from inspo_core.distributed import Processes
 from inspo_core.logps import TokenLogps
 from inspo_core.plan import TrainPlan, prepare
 from inspo_core.refcache import RefStats
@@ -82,14 +83,24 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(
-            # on CPU-only machines this makes torchrun-launched processes form a gloo group
-            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        kw = {}
+        if cfg.sharding == "zero3":  # DeepSpeed ZeRO-3 through accelerate, on CPU (its CPU accelerator) and GPU
+            from accelerate.utils import DeepSpeedPlugin
+
+            kw["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=cfg.grad_accum,
+                                                     gradient_clipping=cfg.max_grad_norm or None, zero3_init_flag=False,
+                                                     zero3_save_16bit_model=True)
+        else:
+            kw["cpu"] = on_cpu  # on CPU-only machines this makes torchrun-launched processes form a gloo group
+        # rank, world, barriers and sums come from the process group (DeepSpeed on CPU misreports them)
+        self.acc = Processes(accelerator or Accelerator(
             gradient_accumulation_steps=cfg.grad_accum,
             mixed_precision="bf16" if cfg.bf16 else "no",
             log_with=cfg.report_to or None,
             project_dir=cfg.output_dir,
-        )
+            **kw,
+        ))
         self.plan: TrainPlan | None = None
 
     def say(self, msg: str) -> None:
@@ -189,6 +200,10 @@ class Trainer:
         if cfg.sharding == "fsdp2":
             optimizer = acc.prepare(optimizer)
         else:
+            if cfg.sharding == "zero3":  # DeepSpeed needs the real batch sizes (its world, not accelerate's count)
+                ds = acc.state.deepspeed_plugin.deepspeed_config
+                ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+                ds["train_batch_size"] = plan.global_batch
             scorer, optimizer = acc.prepare(scorer, optimizer)
         # clip what the optimizer steps: the prepared module's parameters (FSDP2 replaces the originals)
         clip_params = [p for p in scorer.parameters() if p.requires_grad]
@@ -222,13 +237,15 @@ class Trainer:
                     if not torch.isfinite(terms["loss"]):
                         self._fail_nonfinite(step)
                     acc.backward(terms["loss"])
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    if acc.sync_gradients and cfg.max_grad_norm > 0 and cfg.sharding != "zero3":
                         grad_norm = acc.clip_grad_norm_(clip_params, cfg.max_grad_norm)
                         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 parts.append(terms["stats"])
                 tokens += terms["tokens"]
+            if cfg.sharding == "zero3":  # DeepSpeed clips inside its step; read the norm it used
+                grad_norm = scorer.get_global_grad_norm()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             row = self.reduce_stats(parts)

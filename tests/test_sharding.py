@@ -115,3 +115,56 @@ def test_lora_with_fsdp2(runs, tmp_path):
     assert sorted(a) == sorted(b) and not any("lora" in k for k in b)
     for k in a:
         assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+# ---- DeepSpeed ZeRO-3 ---------------------------------------------------------------------------------
+
+deepspeed = pytest.importorskip("deepspeed", reason="ZeRO-3 tests need `pip install deepspeed`")
+
+
+def test_zero3_two_processes_train_like_one(runs, tmp_path):
+    """DeepSpeed ZeRO-3 over 2 CPU processes (its CPU accelerator): the single process's losses, gradient
+    norms (DeepSpeed clips inside its step) and validation loss; final/ is one plain checkpoint."""
+    root, cache, kw, _ = runs
+    train(tmp_path / "z", cache, *kw, "--batch_size", "2", "--sharding", "zero3", procs=2)
+    assert_close(torch.tensor(rows(tmp_path / "z", "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5,
+                 rtol=0)
+    assert_close(torch.tensor(rows(tmp_path / "z", "grad_norm")), torch.tensor(rows(root / "one", "grad_norm")),
+                 atol=1e-5, rtol=1e-5)
+    assert_close(torch.tensor(rows(tmp_path / "z", "eval/loss")), torch.tensor(rows(root / "one", "eval/loss")),
+                 atol=1e-5, rtol=0)
+    a, b = load_file(str(root / "one" / "final" / "model.safetensors")), load_file(str(tmp_path / "z" / "final" /
+                                                                                     "model.safetensors"))
+    for k in a:
+        assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_zero3_kill_9_then_resume_matches(runs, tmp_path):
+    """ZeRO-3 checkpoints (each rank its partitions, nothing gathered): kill -9 the whole job after the
+    step-2 checkpoint, resume, and the run equals the uninterrupted one."""
+    import signal
+    import time
+
+    _, cache, _, _ = runs
+    kw = ["--lr", "1e-3", "--max_steps", "12", "--grad_accum", "2", "--batch_size", "2", "--sharding", "zero3",
+          "--save_every", "2", "--val_size", "0"]
+    train(tmp_path / "ref", cache, *kw, procs=2)
+    out = tmp_path / "killed"
+    common = ["--model", "tiny", "--data", TOY, "--max_length", "96", "--cache_dir", str(cache), "--tiny_hidden", "32",
+              "--output_dir", str(out), *kw]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), "-m", "workbench", "train", *common], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-2" / "manifest.json").exists() and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = out / "checkpoints" / "step-2"
+    assert (ckpt / "accelerate_state" / "latest").is_file() and not (ckpt / "model.safetensors").exists()
+    assert not (out / "final").exists(), "the run finished before it was killed"
+    res = train(out, cache, *kw, "--resume", procs=2)
+    assert "resumed from" in res.stdout
+    assert rows(out, "loss") == rows(tmp_path / "ref", "loss")
