@@ -66,8 +66,8 @@ def is_fsdp(module: nn.Module) -> bool:
 
 
 def local_state_mb(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> float:
-    """MB of this rank's parameters, gradients and optimizer state (local shards only): what
-    sharding divides across ranks."""
+    """MB of this rank's parameters, gradients and optimizer state (local shards only; DeepSpeed's
+    fp32 master partitions included): what sharding divides across ranks."""
     def nbytes(t):
         t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
@@ -78,7 +78,10 @@ def local_state_mb(module: nn.Module, optimizer: torch.optim.Optimizer | None = 
         if p.grad is not None:
             total += nbytes(p.grad)
     if optimizer is not None:
-        for state in optimizer.state.values():
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        # DeepSpeed ZeRO-3 keeps the fp32 master partitions inside its optimizer, not in the module
+        total += sum(nbytes(t) for t in getattr(inner, "fp32_partitioned_groups_flat", None) or [])
+        for state in inner.state.values():
             total += sum(nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
     return total / 2**20
 
