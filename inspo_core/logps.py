@@ -92,22 +92,25 @@ class TokenLogps(nn.Module):
         predict_cols: Tensor,
         position_ids: Tensor | None = None,
         targets: Tensor | None = None,
+        tree_segments: list | None = None,
     ) -> Tensor:
         """Log-prob of the token that follows position (r, c) for each (r, c): [N] fp32.
 
         input_ids: [R, T]; attention_mask: [R, T] (or a 4-D float mask [R, 1, T, T] for tree
         packing); predict_rows / predict_cols: [N] positions whose next token is scored;
         targets: [N] those tokens, default input_ids[r, c + 1] (tree packing passes its own, since
-        in a tree the next token on a path need not be the next column).
+        in a tree the next token on a path need not be the next column); tree_segments: the packed
+        trees' segments, for models on tree attention (`inspo_core.tree_attention`).
         """
+        extra = {} if tree_segments is None else {"tree_segments": tree_segments}
         if targets is None:
             targets = input_ids[predict_rows, predict_cols + 1]
         if self.method == "full":
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
             logp = out.logits.float().log_softmax(-1)
             return logp[predict_rows, predict_cols].gather(-1, targets[:, None]).squeeze(-1)
         body, head, softcap = split_model(self.lm)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
         picked = hidden.last_hidden_state[predict_rows, predict_cols]  # [N, H]
         chunk = chunk_size_for(head.weight.shape[0], self.chunk_mb)
         return chunked_head_logps(head, picked, targets, chunk, softcap)

@@ -17,6 +17,7 @@ import torch
 
 from inspo_core.conditioning import BuiltPair
 from inspo_core.strategies import View
+from inspo_core.tree_attention import Segment
 
 Tensor = torch.Tensor
 
@@ -27,6 +28,7 @@ class _Segment:
     parent: int | None  # index into the tree's segment list
     view: View | None = None  # set when this segment is a scored target
     n_scored: int = 0
+    span: tuple[int, int] = (0, 0)  # its columns in the packed row, once packed
 
 
 def build_tree(pair: BuiltPair, views: list[View]) -> list[_Segment]:
@@ -53,13 +55,14 @@ def build_tree(pair: BuiltPair, views: list[View]) -> list[_Segment]:
 
 @dataclass
 class PackedBatch:
-    """Rows of packed trees. input_ids, position_ids: [R, N]; attention_mask: [R, 1, N, N] float
-    (0 allowed, -inf masked); pred_rows / pred_cols / pred_targets / pred_seq: [M] scored tokens:
-    the position predicting each, the token, and the index of its (pair, view) in `seqs`."""
+    """Rows of packed trees. input_ids, position_ids: [R, N]; pred_rows / pred_cols / pred_targets /
+    pred_seq: [M] scored tokens: the position predicting each, the token, and the index of its (pair,
+    view) in `seqs`; `segments`: every non-empty segment with the columns of its root path (what tree
+    attention computes). `dense_mask()` is the equivalent [R, 1, N, N] mask for attention
+    implementations that need one."""
 
     input_ids: Tensor
     position_ids: Tensor
-    attention_mask: Tensor
     pred_rows: Tensor
     pred_cols: Tensor
     pred_targets: Tensor
@@ -67,6 +70,8 @@ class PackedBatch:
     seqs: list[tuple[int, View]]  # (pair index in the batch, view)
     lengths: dict[str, Tensor]
     tokens: int  # real (non-padding) tokens
+    segments: list[Segment]
+    row_fill: list[int]  # real tokens at the start of each row; the rest is padding
 
     def split(self, per_seq: Tensor, views: list[View], num_pairs: int) -> dict[View, Tensor]:
         out = {v: per_seq.new_zeros(num_pairs) for v in views}
@@ -74,14 +79,28 @@ class PackedBatch:
             out[v][i] = per_seq[k]
         return out
 
+    def dense_mask(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """[R, 1, N, N]: 0 where a token may attend, -inf elsewhere (each segment to its root path and
+        causally to itself). Padding after the last tree attends to itself only: a query with every key
+        masked gives NaN in some SDPA kernels (CUDA memory-efficient), which would poison gradients."""
+        R, N = self.input_ids.shape
+        allowed = torch.zeros((R, N, N), dtype=torch.bool)
+        for seg in self.segments:
+            a, b = seg.start, seg.end
+            allowed[seg.row, a:b, seg.path] = True
+            allowed[seg.row, a:b, a:b] = torch.tril(torch.ones(b - a, b - a, dtype=torch.bool))
+        for r, used in enumerate(self.row_fill):
+            pad = torch.arange(used, N)
+            allowed[r, pad, pad] = True
+        return torch.zeros((R, 1, N, N), dtype=dtype).masked_fill_(~allowed[:, None], float("-inf"))
 
-def pack_pairs(pairs: list[BuiltPair], views: list[View], *, pad_id: int = 0, row_tokens: int | None = None,
-               dtype: torch.dtype = torch.float32) -> PackedBatch:
+
+def pack_pairs(pairs: list[BuiltPair], views: list[View], *, pad_id: int = 0, row_tokens: int | None = None) -> PackedBatch:
     """Pack the trees of `pairs` into rows of at most `row_tokens` tokens (first fit, in order).
 
-    The default budget is the largest tree: attention in a row costs (row length)^2 whatever the
-    mask, so small trees share rows up to that size and padding stays small. A tree longer than
-    `row_tokens` gets a row of its own."""
+    The default budget is the largest tree, so small trees share rows and padding stays small; a tree
+    longer than `row_tokens` gets a row of its own. With tree attention the cost is per segment, so
+    sharing a row costs nothing; with a dense mask a row costs (row length)^2."""
     trees = [build_tree(p, views) for p in pairs]
     sizes = [sum(len(s.tokens) for s in t) for t in trees]
     limit = row_tokens or max(sizes)
@@ -100,24 +119,23 @@ def pack_pairs(pairs: list[BuiltPair], views: list[View], *, pad_id: int = 0, ro
     R = len(rows)
     input_ids = torch.full((R, N), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, N), dtype=torch.long)
-    allowed = torch.zeros((R, N, N), dtype=torch.bool)
-    pr, pc, pt, ps, seqs = [], [], [], [], []
+    pr, pc, pt, ps, seqs, segments = [], [], [], [], [], []
     for r, members in enumerate(rows):
         at = 0
         for i in members:
-            # per segment: first column, end column, position after it, and the last real column on
-            # its root path (an empty segment, e.g. a raw context cut to nothing, has none of its own)
-            starts, ends, pos_end, last_col = [], [], [], []
+            # per segment: its columns, the columns of its root path, the position after it, and the last
+            # real column on its path (an empty segment, e.g. a raw context cut to nothing, has none)
+            cols: list[list[int]] = []
+            pos_end, last_col = [], []
             for s in trees[i]:
                 a, b = at, at + len(s.tokens)
                 p0 = 0 if s.parent is None else pos_end[s.parent]
                 input_ids[r, a:b] = torch.tensor(s.tokens, dtype=torch.long)
                 position_ids[r, a:b] = torch.arange(p0, p0 + len(s.tokens))
-                allowed[r, a:b, a:b] = torch.tril(torch.ones(b - a, b - a, dtype=torch.bool))
-                anc = s.parent
-                while anc is not None:  # all ancestor segments are visible
-                    allowed[r, a:b, starts[anc]:ends[anc]] = True
-                    anc = trees[i][anc].parent
+                path = [] if s.parent is None else cols[s.parent] + list(range(*trees[i][s.parent].span))
+                cols.append(path)
+                if b > a:
+                    segments.append(Segment(r, a, b, torch.tensor(path, dtype=torch.long)))
                 if s.view is not None:
                     k = len(seqs)
                     seqs.append((i, s.view))
@@ -126,18 +144,13 @@ def pack_pairs(pairs: list[BuiltPair], views: list[View], *, pad_id: int = 0, ro
                         pc.append(a + t - 1 if t > 0 else last_col[s.parent])  # the previous token on the path
                         pt.append(s.tokens[t])
                         ps.append(k)
-                starts.append(a)
-                ends.append(b)
                 pos_end.append(p0 + len(s.tokens))
                 last_col.append(b - 1 if b > a else (last_col[s.parent] if s.parent is not None else -1))
+                s.span = (a, b)
                 at = b
-        # padding after the last tree attends to itself only: a query with every key masked gives
-        # NaN in some SDPA kernels (CUDA memory-efficient), which would poison the gradients
-        pad = torch.arange(at, N)
-        allowed[r, pad, pad] = True
-    mask = torch.zeros((R, 1, N, N), dtype=dtype).masked_fill_(~allowed[:, None], float("-inf"))
     lengths = {r: torch.tensor([p.loss_lengths[r] for p in pairs], dtype=torch.long)
                for r in ("chosen", "rejected") if all(r in p.loss_lengths for p in pairs)}
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return PackedBatch(input_ids, position_ids, mask, as_long(pr), as_long(pc), as_long(pt), as_long(ps), seqs,
-                       lengths, sum(sizes))
+    return PackedBatch(input_ids, position_ids, as_long(pr), as_long(pc), as_long(pt), as_long(ps), seqs, lengths,
+                       sum(sizes), segments, fill)
+

@@ -26,6 +26,7 @@ from inspo_core.models import build_tiny, load_model, load_tokenizer
 from inspo_core.refcache import RefCache, RefStats, compute_ref_logps
 from inspo_core.rundir import RESUME_FREE_KEYS, RunDir
 from inspo_core.strategies import L_PLAIN, W_PLAIN, Method, View, resolve_method
+from inspo_core.tree_attention import use_tree_attention
 
 PLAIN_VIEWS = (W_PLAIN, L_PLAIN)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -89,6 +90,8 @@ def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Modul
     sharded_resume = resume_from is not None and any((resume_from / d).is_dir() for d in ("dcp", "accelerate_state"))
     with _whole_weights(acc):
         policy = _load_policy(cfg, source, None if sharded_resume else resume_from)
+    if cfg.packing == "tree":  # attention per tree segment instead of a dense mask over packed rows
+        use_tree_attention(policy)
     if cfg.gradient_checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
         if enable is not None:
@@ -263,6 +266,8 @@ def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pair
                 with _whole_weights(acc):
                     ref_model = load_model(ref_source, dtype=torch.float32,
                                            trust_remote_code=cfg.trust_remote_code).to(acc.device)
+                if cfg.packing == "tree":
+                    use_tree_attention(ref_model)
         return ref_model
 
     results = []

@@ -13,6 +13,7 @@ length normalisation is the objective's business (`preference_loss(length_normal
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from inspo_core.conditioning import BuiltPair, ViewBatch, collate_views
 from inspo_core.logps import as_scorer
 from inspo_core.packing import PackedBatch, pack_pairs
 from inspo_core.strategies import View
+from inspo_core.tree_attention import uses_tree_attention
 
 Tensor = torch.Tensor
 PACKINGS = ("padded", "tree")
@@ -76,9 +78,14 @@ def score_batch(scorer, prepared: PreparedBatch, *, device=None, mask_dtype: tor
         device = next(model.parameters()).device
     b = prepared.batch
     if isinstance(b, PackedBatch):
-        per_token = model(b.input_ids.to(device), b.attention_mask.to(device, mask_dtype), b.pred_rows.to(device),
-                          b.pred_cols.to(device), position_ids=b.position_ids.to(device),
-                          targets=b.pred_targets.to(device))
+        if uses_tree_attention(model.lm):  # attention per segment: no [N, N] mask at all
+            segments = [dataclasses.replace(s, path=s.path.to(device)) for s in b.segments]
+            mask, extra = torch.zeros(b.input_ids.shape[0], 1, 1, 1, device=device, dtype=mask_dtype), {
+                "tree_segments": segments}
+        else:
+            mask, extra = b.dense_mask(mask_dtype).to(device), {}
+        per_token = model(b.input_ids.to(device), mask, b.pred_rows.to(device), b.pred_cols.to(device),
+                          position_ids=b.position_ids.to(device), targets=b.pred_targets.to(device), **extra)
         per_seq = torch.zeros(len(b.seqs), dtype=per_token.dtype, device=device).index_add(
             0, b.pred_seq.to(device), per_token)
         logps = b.split(per_seq, prepared.views, prepared.num_pairs)

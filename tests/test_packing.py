@@ -13,6 +13,20 @@ from inspo_core.strategies import L_GIVEN_L, L_GIVEN_W, L_PLAIN, W_GIVEN_L, W_PL
 ALL = [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W, L_GIVEN_L]
 
 
+@pytest.fixture(scope="module", params=["segments", "dense"])
+def model(request, tiny_model):
+    """The tiny model with tree attention per segment (inspo_tree), or on SDPA with a dense 4-D mask."""
+    import copy
+
+    from inspo_core.tree_attention import use_tree_attention
+
+    if request.param == "dense":
+        return tiny_model
+    m = copy.deepcopy(tiny_model)
+    assert use_tree_attention(m)
+    return m
+
+
 def both_paths(model, pairs, views, pad_id=0, row_tokens=None):
     padded = score_views(model, pairs, views, packing="padded", pad_id=pad_id).logps
     packed = score_views(model, pairs, views, packing="tree", pad_id=pad_id, pack_tokens=row_tokens).logps
@@ -22,11 +36,11 @@ def both_paths(model, pairs, views, pad_id=0, row_tokens=None):
 @pytest.mark.parametrize("fmt", ["sep", "raw", "template"])
 @pytest.mark.parametrize("examples", [PLAIN_EXAMPLES, CHAT_EXAMPLES], ids=["plain", "chat"])
 @pytest.mark.parametrize("row_tokens", [None, 60, 10**6])
-def test_tree_equals_padded(tokenizer, tiny_model, fmt, examples, row_tokens):
+def test_tree_equals_padded(tokenizer, model, fmt, examples, row_tokens):
     b = ConditioningBuilder(tokenizer, BuilderConfig(fmt, max_length=256, alpha_draft=0.5, exclude_eos=True), ALL)
     pairs, _ = b.build_all(examples * 2)
     with torch.no_grad():
-        padded, packed = both_paths(tiny_model, pairs, ALL, tokenizer.pad_token_id, row_tokens)
+        padded, packed = both_paths(model, pairs, ALL, tokenizer.pad_token_id, row_tokens)
     for v in ALL:
         assert_close(packed[v], padded[v], atol=1e-5, rtol=1e-6, msg=str(v))
 
@@ -37,7 +51,7 @@ LONG_PROMPT = {"prompt": "answer the question about apples, oranges and pears " 
 
 @pytest.mark.parametrize("fmt", ["sep", "raw", "template"])
 @pytest.mark.parametrize("case", ["draft_cap_zero", "draft_cap_small", "no_room_for_context", "targets_truncated"])
-def test_tree_equals_padded_when_truncated(tokenizer, tiny_model, fmt, case):
+def test_tree_equals_padded_when_truncated(tokenizer, model, fmt, case):
     """Table 3's cuts: a draft cap of 0 tokens (a raw context becomes an empty segment), a cap of
     2, a prompt that leaves the context no room, targets cut by max_length."""
     P = len(tokenizer(LONG_PROMPT["prompt"])["input_ids"])
@@ -54,7 +68,7 @@ def test_tree_equals_padded_when_truncated(tokenizer, tiny_model, fmt, case):
     if case == "draft_cap_zero" and fmt == "raw":
         assert any(p.contexts["chosen"] == [] for p in pairs)  # an empty context segment
     with torch.no_grad():
-        padded, packed = both_paths(tiny_model, pairs, ALL, tokenizer.pad_token_id)
+        padded, packed = both_paths(model, pairs, ALL, tokenizer.pad_token_id)
     for v in ALL:
         assert_close(packed[v], padded[v], atol=1e-5, rtol=1e-6, msg=str(v))
 
@@ -66,13 +80,14 @@ def test_every_query_of_a_packed_row_attends_somewhere(tokenizer):
     pairs, _ = b.build_all([LONG_PROMPT, PLAIN_EXAMPLES[0], PLAIN_EXAMPLES[1]])
     batch = pack_pairs(pairs, ALL, row_tokens=80)
     assert batch.input_ids.shape[0] > 1 and batch.tokens < batch.input_ids.numel()  # rows with tail padding
-    allowed = torch.isfinite(batch.attention_mask[:, 0])  # [R, N, N]
+    mask = batch.dense_mask()
+    allowed = torch.isfinite(mask[:, 0])  # [R, N, N]
     assert allowed.any(-1).all()
     # and the result is unchanged: padding never feeds a scored position
     q = torch.nn.functional.scaled_dot_product_attention(torch.randn(batch.input_ids.shape[0], 1, batch.input_ids.shape[1], 8),
                                                          torch.randn(batch.input_ids.shape[0], 1, batch.input_ids.shape[1], 8),
                                                          torch.randn(batch.input_ids.shape[0], 1, batch.input_ids.shape[1], 8),
-                                                         attn_mask=batch.attention_mask)
+                                                         attn_mask=mask)
     assert torch.isfinite(q).all()
 
 
@@ -90,8 +105,10 @@ def test_raw_contexts_share_the_plain_branch(tokenizer):
     assert len(build_tree(sep.build(PLAIN_EXAMPLES[0]), b.views)) == 7  # contexts are separate segments
 
 
-def test_gradients_match(tokenizer):
+@pytest.mark.parametrize("attention", ["segments", "dense"])
+def test_gradients_match(tokenizer, attention):
     from inspo_core.models import tiny_llama
+    from inspo_core.tree_attention import use_tree_attention
 
     views = [W_GIVEN_L, L_GIVEN_W]
     b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=256), views)
@@ -99,6 +116,8 @@ def test_gradients_match(tokenizer):
     grads = []
     for packed in (False, True):
         model = tiny_llama(len(tokenizer), seed=5)
+        if attention == "segments":
+            use_tree_attention(model)
         out = score_views(model, pairs, views, packing="tree" if packed else "padded").logps
         (out[W_GIVEN_L] - 0.5 * out[L_GIVEN_W]).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -114,4 +133,8 @@ def test_rows_hold_several_trees_without_padding(tokenizer):
     # trees never see each other: the mask is block diagonal
     sizes = [sum(len(s.tokens) for s in build_tree(p, ALL)) for p in pairs]
     a = sizes[0]
-    assert torch.isinf(one_row.attention_mask[0, 0, a:, :a]).all()
+    assert torch.isinf(one_row.dense_mask()[0, 0, a:, :a]).all()
+    # tree attention never computes across trees: each segment's path lies inside its own tree
+    for seg in one_row.segments:
+        inside = [0, a] if seg.start < a else [a, one_row.tokens]
+        assert all(inside[0] <= c < inside[1] for c in seg.path.tolist())

@@ -29,6 +29,7 @@ from inspo_core.logps import TokenLogps
 from inspo_core.scoring import prepare_batch, score_batch
 from inspo_core.strategies import resolve_method
 from inspo_core.trainer import peak_rss_mb
+from inspo_core.tree_attention import use_tree_attention
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
     "tiny": (64, 2, 4, 4, 128, 1000),
@@ -53,6 +54,8 @@ class BenchConfig:
     strategies: list = opt(["none", "symmetric", "averaged"], "strategies to run")
     packings: list = opt(["padded", "tree"], "packings to run")
     references: list = opt(["cached", "live"], "reference: cached log-probs, or a frozen model run every step")
+    tree_attention: str = opt("segments", "tree packing's attention: per tree segment (the trainer's), or a dense "
+                              "[N, N] mask over each packed row", choices=["segments", "dense"])
     device: str = opt("auto", "auto, cpu or cuda")
     bf16: bool = opt(False, "bf16 weights and compute (CUDA)")
     memory: bool = opt(True, "measure peak memory (CPU: one child process per configuration)")
@@ -137,6 +140,9 @@ def _setup(cfg: BenchConfig, live_reference: bool = True):
         ref_model = model_for(cfg).to(dev, dtype).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
+    if cfg.tree_attention == "segments":
+        for m in {id(policy): policy, id(ref_model): ref_model}.values():
+            use_tree_attention(m)
     pairs = synthetic_pairs(cfg, policy.config.vocab_size)
     return dev, policy, ref_model, pairs
 
