@@ -134,7 +134,7 @@ def test_a_failing_judge_keeps_the_answers(page):
     page.get_by_role("tab", name="Arena").click()
     page.get_by_label("Judge model (reward model or judge LM)").fill("no-such-judge")
     page.get_by_label("Judge model (reward model or judge LM)").press("Tab")
-    judge = page.get_by_label("Judge", exact=True)
+    judge = page.get_by_label("Judge", exact=True).first
     judge.click()
     page.get_by_role("option", name="llm").click()
     page.get_by_label("Prompt", exact=True).fill("Ana is shopping today. Which single item should Ana buy?")

@@ -141,7 +141,7 @@ def test_arena_with_a_real_chat_checkpoint(chat_runs):
         page.goto(base + "/")
         page.get_by_role("button", name="Compare").wait_for(timeout=60_000)
         assert page.get_by_label("Checkpoint B").first.input_value() == "smollm2"
-        assert page.get_by_label("Judge", exact=True).input_value() == "none (vote only)"
+        assert page.get_by_label("Judge", exact=True).first.input_value() == "none (vote only)"
         page.get_by_label("Prompt", exact=True).fill("Write a one-sentence review of a pizza place.")
         page.get_by_role("button", name="Compare").click()
         page.get_by_text("No judge: vote below.").wait_for(timeout=180_000)
@@ -151,7 +151,7 @@ def test_arena_with_a_real_chat_checkpoint(chat_runs):
         judge_model = page.get_by_label("Judge model (reward model or judge LM)")
         judge_model.fill("smollm2")
         judge_model.press("Tab")
-        page.get_by_label("Judge", exact=True).click()
+        page.get_by_label("Judge", exact=True).first.click()
         page.get_by_role("option", name="llm").click()
         page.get_by_role("button", name="Compare").click()
         page.get_by_text("P(A better) =").wait_for(timeout=180_000)
