@@ -189,24 +189,7 @@ class Trainer:
         self.plan, policy = prepare(cfg, acc, self.say)
         plan, run = self.plan, self.plan.run
 
-        scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
-        if cfg.sharding == "fsdp2":  # our own FSDP2 (same code on CPU and GPU); accelerate only steps the optimizer
-            init_process_group(acc)
-            shard(scorer)
-        optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
-                                      betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan.total_steps, cfg.warmup_ratio,
-                                                                           cfg.min_lr_ratio))
-        if cfg.sharding == "fsdp2":
-            optimizer = acc.prepare(optimizer)
-        else:
-            if cfg.sharding == "zero3":  # DeepSpeed needs the real batch sizes (its world, not accelerate's count)
-                ds = acc.state.deepspeed_plugin.deepspeed_config
-                ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-                ds["train_batch_size"] = plan.global_batch
-            scorer, optimizer = acc.prepare(scorer, optimizer)
-        # clip what the optimizer steps: the prepared module's parameters (FSDP2 replaces the originals)
-        clip_params = [p for p in scorer.parameters() if p.requires_grad]
+        scorer, optimizer, scheduler, clip_params = self._engine(policy)
 
         start, best = 0, None
         if plan.resume_from is not None:
@@ -288,6 +271,30 @@ class Trainer:
             acc.end_training()
         self.say(f"done: {plan.total_steps} steps, final loss {last_loss:.4f}; model in {run.final}")
         return TrainResult(run.path, plan.total_steps, last_loss, plan.ref_stats, best)
+
+    def _engine(self, policy):
+        """(scorer, optimizer, scheduler, parameters to clip) on the configured engine: accelerate for one
+        process or DDP, our FSDP2 (the same code on CPU and GPU; accelerate only steps the optimizer), or
+        DeepSpeed ZeRO-3 through accelerate."""
+        cfg, acc, plan = self.cfg, self.acc, self.plan
+        scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
+        if cfg.sharding == "fsdp2":
+            init_process_group(acc)
+            shard(scorer)
+        optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
+                                      betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan.total_steps, cfg.warmup_ratio,
+                                                                           cfg.min_lr_ratio))
+        if cfg.sharding == "fsdp2":
+            optimizer = acc.prepare(optimizer)
+        else:
+            if cfg.sharding == "zero3":  # DeepSpeed needs the real batch sizes (its world, not accelerate's count)
+                ds = acc.state.deepspeed_plugin.deepspeed_config
+                ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+                ds["train_batch_size"] = plan.global_batch
+            scorer, optimizer = acc.prepare(scorer, optimizer)
+        # clip what the optimizer steps: the prepared module's parameters (FSDP2 replaces the originals)
+        return scorer, optimizer, scheduler, [p for p in scorer.parameters() if p.requires_grad]
 
     def _checkpoint(self, scorer, optimizer, scheduler, step: int, best) -> None:
         plan, acc = self.plan, self.acc
