@@ -184,7 +184,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and _parse(line) is not None and _parse(line).get("step", 0) <= step]
+                if (row := _parse(line)) is not None and row.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, row: dict[str, Any]) -> None:
