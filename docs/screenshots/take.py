@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     ap.add_argument("--batch_samples", default="2")
+    ap.add_argument("--a", help="checkpoint A (default: the app's)")
+    ap.add_argument("--b", help="checkpoint B (default: the app's)")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,6 +56,13 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1300, "height": 1000})
             page.goto(url)
             page.get_by_role("button", name="Compare").wait_for(timeout=120_000)
+            for label, value in (("Checkpoint A", args.a), ("Checkpoint B", args.b)):
+                if value:
+                    box = page.get_by_label(label).first
+                    box.click()
+                    box.fill(value)
+                    box.press("Enter")
+                    time.sleep(1)
             page.get_by_label("Prompt", exact=True).fill(args.prompt)
             page.get_by_role("button", name="Compare").click()
             page.get_by_text("P(A better) =").wait_for(timeout=600_000)
@@ -63,6 +72,13 @@ def main() -> None:
             time.sleep(2)
             page.screenshot(path=str(out / "dashboard.png"), full_page=True)
             page.get_by_role("tab", name="Batch").click()
+            for label, value in (("Checkpoint A", args.a), ("Checkpoint B", args.b)):
+                if value:
+                    box = page.get_by_label(label).nth(1)
+                    box.click()
+                    box.fill(value)
+                    box.press("Enter")
+                    time.sleep(1)
             page.get_by_label("Samples per prompt").fill(args.batch_samples)
             page.get_by_label("Samples per prompt").press("Enter")
             page.get_by_role("button", name="Run batch").click()
