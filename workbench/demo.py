@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from inspo_core.conditioning import BuilderConfig
-from inspo_core.evaluate import describe_checkpoint, write_json
-from inspo_core.rundir import RunDir
-from workbench.demo_config import DemoConfig, run_config
+from inspo_core.evaluate import write_json
+from workbench.demo_config import DemoConfig, output_check, run_config, train_and_evaluate
 
 
 
@@ -26,16 +25,15 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
     if cfg.world == "sentiment":
         from workbench.sentiment_demo import run_sentiment_demo
 
-        _check_output(cfg)
+        output_check(cfg)
         return run_sentiment_demo(cfg, log)
-    from inspo_core.trainer import train
     from inspo_core.worlds.evaluation import reference_samples, theory_ceilings, world_value
     from inspo_core.worlds.token import TokenWorld, TokenWorldConfig, build_reference, sample_pairs
     from workbench.report import aggregate, format_table, write_demo_report
 
     t0 = time.time()
     out = Path(cfg.output_dir)
-    _check_output(cfg)
+    output_check(cfg)
     wcfg = TokenWorldConfig(**(world_overrides or {}), family=cfg.family, n_contexts=cfg.n_contexts,
                             n_items=cfg.n_items, strength=cfg.strength,
                             seed=cfg.world_seed, pretrain_steps=min(cfg.pretrain_steps, 200) if cfg.fast else cfg.pretrain_steps)
@@ -61,16 +59,19 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
         pairs = sample_pairs(world, ref_dir, cfg.n_pairs, wdir / f"pairs-{cfg.n_pairs}-s{seed}.jsonl", seed=seed, log=log)
         name = f"{objective}-{strategy}-s{seed}"
         log(f"[{i}/{len(combos)}] training {name}")
-        res = train(run_config(cfg, objective, strategy, seed, ref_dir, pairs, val_size=100,
-                               eval_every=max(1, cfg.max_steps // 5), log_every=5))
-        ev = world_value(world, res.run_dir / "final", ref_texts, seed=seed, reflective=cfg.reflective,
-                         builder=builder, **sampling)
-        write_json(RunDir(res.run_dir).eval_json, {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",
-                                               "sampling": sampling, "seed": seed,
-                                               "opponent": "pi_ref samples at T=1, top-p 1",
-                                               "world": dataclasses.asdict(wcfg), **ev})
+        settings = {"judge": "oracle", "sampling": sampling, "seed": seed, "opponent": "pi_ref samples at T=1, top-p 1",
+                    "world": dataclasses.asdict(wcfg), "measure": {"n_eval": cfg.n_eval, "reflective": cfg.reflective,
+                                                                   "builder": dataclasses.asdict(builder)}}
+
+        def evaluate(run_dir: Path, seed=seed) -> dict:
+            return world_value(world, run_dir / "final", ref_texts, seed=seed, reflective=cfg.reflective,
+                               builder=builder, **sampling)
+
+        run_dir, ev = train_and_evaluate(cfg, run_config(cfg, objective, strategy, seed, ref_dir, pairs, val_size=100,
+                                                         eval_every=max(1, cfg.max_steps // 5), log_every=5),
+                                         settings, evaluate, log)
         runs.append({"name": name, "objective": objective, "strategy": strategy, "seed": seed,
-                     "run_dir": str(res.run_dir), **{k: v for k, v in ev.items()}})
+                     "run_dir": str(run_dir), **ev})
         d = ev["deployed"]
         log(f"    V = {d['V_identity']:.3f} [{d['V_identity_ci'][0]:.3f}, {d['V_identity_ci'][1]:.3f}]"
             + (f"; reflective {ev['reflective']['V_identity']:.3f}" if "reflective" in ev else ""))
@@ -82,14 +83,6 @@ def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) ->
     log(format_table(summary))
     log(f"report: {out / 'report.html'}  ({summary['minutes']:.1f} min)")
     return summary
-
-
-def _check_output(cfg: DemoConfig) -> None:
-    out = Path(cfg.output_dir)
-    if (out / "summary.json").exists() or any(RunDir(d).artifacts() for d in out.glob("*") if d.is_dir()):
-        if not cfg.overwrite:
-            raise ValueError(f"{out} holds an earlier demo; pass --overwrite to replace it, or choose another "
-                             "--output_dir")
 
 
 def load_summary(path: str | Path) -> dict:

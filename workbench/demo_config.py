@@ -3,10 +3,14 @@ and the training config every demo run is built from."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from inspo_core.config import TrainConfig, opt
+from inspo_core.rundir import RunDir
 from inspo_core.objectives import OBJECTIVES
 from inspo_core.strategies import STRATEGIES
 from inspo_core.worlds.preferences import FAMILIES
@@ -15,11 +19,11 @@ from inspo_core.worlds.sentiment import FAMILIES as SENTIMENT_FAMILIES
 WORLDS = ("token", "sentiment")
 # settings whose default depends on the world (None in DemoConfig means "the world's default")
 WORLD_DEFAULTS = {
-    "token": dict(family="cyclic", strength=3.0, max_steps=375, batch_size=16, lr=3e-4, beta=0.5, max_length=96,
+    "token": dict(seeds=[0, 1, 2, 3, 4], family="cyclic", strength=3.0, max_steps=375, batch_size=16, lr=3e-4, beta=0.5, max_length=96,
                   n_eval=300, lora=0, context_format="sep"),
     # a chat model: the alternative goes inside the assistant turn as text (template); `sep` would fall back
     # to the end-of-turn token as separator, after which the model ends its turn
-    "sentiment": dict(family="bradley_terry", strength=4.0, max_steps=30, batch_size=8, lr=1e-3, beta=0.1,
+    "sentiment": dict(seeds=[0, 1, 2], family="bradley_terry", strength=4.0, max_steps=30, batch_size=8, lr=1e-3, beta=0.1,
                       max_length=192, n_eval=2, lora=16, context_format="template"),
 }
 
@@ -34,7 +38,7 @@ class DemoConfig:
     n_items: int = opt(6, "token world: items a response can name")
     strength: float | None = opt(None, "sharpness of the preferences (default 3 / 4)")
     world_seed: int = opt(0, "seed of the world (token: preferences, pi_gen, pi_ref init; sentiment: prompt split)")
-    seeds: list = opt([0, 1, 2, 3, 4], "training seeds (token worlds re-sample pairs per seed)")
+    seeds: list | None = opt(None, "training seeds, default 0-4 / 0-2 (token worlds re-sample pairs per seed)")
     objectives: list = opt(["dpo"], "objectives to train")
     strategies: list = opt(["none", "symmetric"], "strategies to compare")
     n_pairs: int = opt(2000, "token world: labelled pairs sampled from pi_ref per seed")
@@ -63,6 +67,8 @@ class DemoConfig:
     fast: bool = opt(False, "a small configuration for CI and a first look (minutes)")
     output_dir: str = opt("runs/demo", "where runs, summary.json and report.html go")
     overwrite: bool = opt(False, "replace an earlier demo's runs and report in output_dir")
+    resume: bool = opt(False, "continue an interrupted demo in output_dir: finished and evaluated runs of the same "
+                       "settings are reused, an interrupted run continues from its last checkpoint (or starts again)")
     cache_dir: str = opt(".cache/inspo", "pi_ref, pairs and reference log-probs cache")
 
     def __post_init__(self):
@@ -113,3 +119,53 @@ def run_config(cfg: DemoConfig, objective: str, strategy: str, seed: int, model:
                        alpha_draft=cfg.alpha_draft, dedup=False,
                        output_dir=str(Path(cfg.output_dir) / f"{objective}-{strategy}-s{seed}"),
                        cache_dir=cfg.cache_dir, overwrite=cfg.overwrite, **extra)
+
+
+def output_check(cfg: DemoConfig) -> None:
+    """A demo writes into an empty output_dir, or replaces (--overwrite) or continues (--resume) one."""
+    out = Path(cfg.output_dir)
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("--overwrite and --resume contradict each other: --resume continues the demo in "
+                         f"{out}, --overwrite deletes it; pass one")
+    if cfg.resume or cfg.overwrite:
+        return
+    if (out / "summary.json").exists() or any(RunDir(d).artifacts() for d in out.glob("*") if d.is_dir()):
+        raise ValueError(f"{out} holds an earlier demo; pass --resume to continue it, --overwrite to replace it, "
+                         "or choose another --output_dir")
+
+
+def train_and_evaluate(cfg: DemoConfig, run: TrainConfig, settings: dict, evaluate: Callable[[Path], dict],
+                       log=print) -> tuple[Path, dict]:
+    """One demo run: train, evaluate `final/` with `evaluate(run_dir)` (a dict of results), record
+    eval.json: the checkpoint's identity, `settings` (everything the numbers depend on besides the
+    weights) and the results, side by side.
+
+    With --resume, what an interrupted demo left is picked up: a run whose eval.json belongs to this
+    `final/` and these settings is not touched; a finished run whose evaluation is missing or was made
+    with other settings is evaluated again; an interrupted run continues from its last checkpoint
+    or, with none saved, starts again. A run made with another config is refused, naming the keys."""
+    from inspo_core.evaluate import describe_checkpoint, write_json
+    from inspo_core.plan import check_resume_config
+    from inspo_core.trainer import train
+
+    rd = RunDir(run.output_dir)
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from eval.json
+    trained = False
+    if cfg.resume and rd.artifacts():
+        check_resume_config(run, rd.read_config() or None, rd.config_path)
+        if (rd.final / "config.json").is_file():
+            identity = describe_checkpoint(rd.final)
+            stored = json.loads(rd.eval_json.read_text()) if rd.eval_json.is_file() else {}
+            if stored.get("fingerprint") == identity["fingerprint"] and all(
+                    k in stored and stored[k] == v for k, v in settings.items()):
+                log(f"    reused: {rd.path} (trained and evaluated with these settings)")
+                return rd.path, {k: v for k, v in stored.items() if k not in identity and k not in settings}
+            log(f"    {rd.path} is trained; evaluating it" + (" again (other settings)" if stored else ""))
+            trained = True
+        else:  # continue from the last checkpoint; with none saved, this run starts afresh
+            run = dataclasses.replace(run, resume=True, overwrite=True)
+    if not trained:
+        rd = RunDir(train(run).run_dir)
+    results = evaluate(rd.path)
+    write_json(rd.eval_json, {**describe_checkpoint(rd.final), **settings, **results})
+    return rd.path, results

@@ -19,14 +19,13 @@ import numpy as np
 
 from inspo_core.atomic import atomic_write_text
 from inspo_core.conditioning import BuilderConfig
-from inspo_core.evaluate import describe_checkpoint, write_json
+from inspo_core.evaluate import write_json
 from inspo_core.rundir import RunDir
 from inspo_core.plots import figures_html, frontier, page, training_curves, value_bars
-from workbench.demo_config import DemoConfig, run_config
+from workbench.demo_config import DemoConfig, run_config, train_and_evaluate
 
 
 def run_sentiment_demo(cfg: DemoConfig, log=print) -> dict:
-    from inspo_core.trainer import train
     from inspo_core.worlds.sentiment import (
         SentimentWorld, SentimentWorldConfig, reference_dir, sample_pairs, world_dir,
     )
@@ -61,27 +60,37 @@ def run_sentiment_demo(cfg: DemoConfig, log=print) -> dict:
     points.append({"strategy": "pi_ref", "kl": 0.0, "reward": ref_reward, "name": "pi_ref", "run": "pi_ref",
                    "order": 0})
     combos = [(o, s, seed) for seed in cfg.seeds for o in cfg.objectives for s in cfg.strategies]
-    mid = max(1, cfg.max_steps // 2)
+    mid = max(1, cfg.max_steps // 2) if cfg.frontier_checkpoint and cfg.max_steps > 1 else None
     for i, (objective, strategy, seed) in enumerate(combos, 1):
         name = f"{objective}-{strategy}-s{seed}"
         log(f"[{i}/{len(combos)}] training {name} ({cfg.max_steps} LoRA steps)")
-        res = train(run_config(cfg, objective, strategy, seed, ref_dir, pairs, val_size=cfg.val_pairs,
-                               eval_every=mid, save_every=mid, log_every=1))
-        ev = sentiment_value(world, res.run_dir / "final", ref_dir, opp, seed=seed, reflective=cfg.reflective,
-                             **measure)
-        write_json(RunDir(res.run_dir).eval_json, {**describe_checkpoint(res.run_dir / "final"), "judge": "oracle",
-                                               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p},
-                                               "seed": seed, "opponent": "pi_ref samples at T=1, top-p 1",
-                                               "world": dataclasses.asdict(wcfg), **ev})
+        settings = {"judge": "oracle", "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p}, "seed": seed,
+                    "opponent": "pi_ref samples at T=1, top-p 1", "world": dataclasses.asdict(wcfg),
+                    "measure": {"prompts": len(world.prompts), "n_eval": cfg.n_eval, "kl_samples": cfg.kl_samples,
+                                "reflective": cfg.reflective, "builder": dataclasses.asdict(builder),
+                                "frontier_step": mid}}
+
+        def evaluate(run_dir: Path, seed=seed) -> dict:
+            ev = sentiment_value(world, run_dir / "final", ref_dir, opp, seed=seed, reflective=cfg.reflective,
+                                 **measure)
+            if mid is not None:
+                ck = RunDir(run_dir).checkpoint(mid)
+                ev["frontier_mid"] = sentiment_value(world, ck, ref_dir, opp, seed=seed, frontier_only=True,
+                                                     **measure)["deployed"]
+            return ev
+
+        run_dir, ev = train_and_evaluate(cfg, run_config(cfg, objective, strategy, seed, ref_dir, pairs,
+                                                         val_size=cfg.val_pairs, eval_every=max(1, cfg.max_steps // 2),
+                                                         save_every=mid or 0, log_every=1),
+                                         settings, evaluate, log)
+        at_mid = ev.pop("frontier_mid", None)
         runs.append({"name": name, "objective": objective, "strategy": strategy, "seed": seed,
-                     "run_dir": str(res.run_dir), **ev})
+                     "run_dir": str(run_dir), **ev})
         points.append({"strategy": strategy, "kl": ev["deployed"]["kl"], "reward": ev["deployed"]["reward_t1"],
                        "name": f"{name} final", "run": name, "order": cfg.max_steps})
-        if cfg.frontier_checkpoint and mid < cfg.max_steps:
-            ck = res.run_dir / "checkpoints" / f"step-{mid}"
-            m = sentiment_value(world, ck, ref_dir, opp, seed=seed, frontier_only=True, **measure)["deployed"]
-            points.append({"strategy": strategy, "kl": m["kl"], "reward": m["reward_t1"], "name": f"{name} step {mid}",
-                           "run": name, "order": mid})
+        if at_mid is not None:
+            points.append({"strategy": strategy, "kl": at_mid["kl"], "reward": at_mid["reward_t1"],
+                           "name": f"{name} step {mid}", "run": name, "order": mid})
         d = ev["deployed"]
         log(f"    V = {d['V_identity']:.3f} [{d['V_identity_ci'][0]:.3f}, {d['V_identity_ci'][1]:.3f}], reward "
             f"{d['reward']:.3f}, KL {d['kl']:.2f}" + (f"; reflective {ev['reflective']['V_identity']:.3f}"
