@@ -118,3 +118,37 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0 and "--config" in capsys.readouterr().out, name
+
+
+def test_demo_resume_reuses_finished_runs_and_redoes_the_rest(tmp_path):
+    """An interrupted demo continues with --resume: a run evaluated with the same settings is reused
+    as it is, a run without its final model is trained again (to the same weights), and a changed
+    setting is refused naming the key; without --resume the demo refuses to write over the runs."""
+    from inspo_core.fingerprint import model_fingerprint
+    from workbench.demo import run_demo
+    from workbench.demo_config import DemoConfig
+
+    common = dict(fast=True, seeds=[0], max_steps=3, n_eval=16, n_pairs=160, pretrain_steps=20,
+                  output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    first = run_demo(DemoConfig(**common), log=lambda m: None)
+    runs = {r["name"]: r for r in first["runs"] if r["run_dir"]}
+    none_dir, sym_dir = Path(runs["dpo-none-s0"]["run_dir"]), Path(runs["dpo-symmetric-s0"]["run_dir"])
+    eval_before = (none_dir / "eval.json").read_text()
+    sym_weights = model_fingerprint(str(sym_dir / "final"))
+
+    with pytest.raises(ValueError, match="--resume"):
+        run_demo(DemoConfig(**common), log=lambda m: None)
+    # interrupted while training the second run: its final model and evaluation are gone
+    import shutil
+    shutil.rmtree(sym_dir / "final")
+    (sym_dir / "eval.json").unlink()
+    lines = []
+    second = run_demo(DemoConfig(**common, resume=True), log=lines.append)
+    assert any("reused" in m and "dpo-none-s0" in m for m in lines)
+    assert not any("reused" in m and "dpo-symmetric-s0" in m for m in lines)
+    assert (none_dir / "eval.json").read_text() == eval_before  # untouched
+    assert model_fingerprint(str(sym_dir / "final")) == sym_weights  # trained again, same weights
+    for a, b in zip(first["runs"], second["runs"]):
+        assert a["name"] == b["name"] and a["deployed"]["V_identity"] == b["deployed"]["V_identity"]
+    with pytest.raises(ValueError, match="max_steps: 3 in the checkpoint, 4 now"):
+        run_demo(DemoConfig(**{**common, "max_steps": 4}, resume=True), log=lambda m: None)
