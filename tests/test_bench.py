@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from workbench.bench import BenchConfig, check_targets, synthetic_pairs
 from workbench.cli import main
 
-CONTRACT = {"strategy", "packing", "reference", "pairs_per_s", "tokens_per_s", "tokens_processed", "peak_mem_mb"}
+CONTRACT = {"strategy", "packing", "reference", "pairs_per_s", "sec_per_step", "tokens_per_s", "tokens_processed",
+            "model_flops", "mfu", "peak_mem_mb"}
 
 
 def test_bench_rows_and_json(tmp_path, capsys):
@@ -17,7 +20,7 @@ def test_bench_rows_and_json(tmp_path, capsys):
     assert len(rows) == 12 and {(r["strategy"], r["packing"], r["reference"]) for r in rows} == {
         (s, p, r) for s in ("none", "symmetric", "averaged") for p in ("padded", "tree") for r in ("cached", "live")}
     for r in rows:
-        assert CONTRACT <= set(r) and r["pairs_per_s"] > 0
+        assert CONTRACT <= set(r) and r["pairs_per_s"] > 0 and 0 < r["mfu"]
     by = {(r["strategy"], r["packing"], r["reference"]): r for r in rows}
     # tokens processed follow from the layout: none padded = 2 rows of prompt + response per pair
     P, W, C = 16, 8, 8 + 1  # sep context: [SEP] + response without EOS + [SEP]
@@ -41,3 +44,51 @@ def test_raw_layout_lets_averaged_share_contexts():
     pair = synthetic_pairs(cfg, 1000)[0]
     size = lambda s: sum(len(x.tokens) for x in build_tree(pair, required_views(s, "dpo")[0]))  # noqa: E731
     assert size("averaged") == size("symmetric") == cfg.prompt_len + 4 * cfg.response_len
+
+
+def test_realistic_lengths_are_the_same_tokens_for_us_and_trl():
+    """The realistic preset writes token ids as words: our builder and TRL's tokenisation (prompt text +
+    completion text, EOS added as text) see the same ids; lengths spread and chosen != rejected."""
+    from workbench.bench import Data, realistic_rows, word_tokenizer
+
+    cfg = BenchConfig(preset="tiny", lengths="realistic", batch_size=4, n_batches=2, max_length=512)
+    rows = realistic_rows(cfg, 1000)
+    tok = word_tokenizer(1000)
+    lens = [len(r[k].split()) for r in rows for k in ("chosen", "rejected")]
+    assert len(rows) == 8 and min(lens) >= 20 and max(lens) <= 400 and len(set(lens)) > 8
+    batches = Data(cfg, 1000).batches("none")
+    assert [len(b) for b in batches] == [4, 4]
+    for row, pair in zip(rows, [p for b in batches for p in b]):
+        prompt = tok(row["prompt"])["input_ids"]
+        assert prompt == [int(w[1:]) for w in row["prompt"].split()] == pair.prompt_ids
+        for r in ("chosen", "rejected"):
+            trl_ids = tok(row["prompt"] + f" {row[r]} </s>")["input_ids"][len(prompt):]
+            want = ([int(w[1:]) for w in row[r].split()] + [2])[: 512 - len(prompt)]  # keep_start truncation
+            assert pair.targets[r] == trl_ids[: 512 - len(prompt)] == want
+
+
+def test_model_flops_by_hand():
+    """6 N per token plus causal attention 6 n^2 h per layer for training; a third of it forward only."""
+    from inspo_core.conditioning import BuiltPair
+    from inspo_core.strategies import resolve_method
+    from workbench.bench import model_flops
+
+    pair = BuiltPair(0, [1] * 10, {"chosen": [5] * 6, "rejected": [6] * 4}, {}, {"chosen": 6, "rejected": 4})
+    views = resolve_method("dpo", "none").policy_views
+    N, L, h = 1000, 2, 8
+    want = sum(3 * (2 * N * n + 2 * L * h * n * n) for n in (16, 14))
+    assert model_flops([pair], views, N, L, h, train=True) == want
+    assert model_flops([pair], views, N, L, h, train=False) == want / 3
+
+
+@pytest.mark.slow
+def test_trl_row_runs_beside_ours(tmp_path):
+    """With trl installed, the realistic preset adds TRL's DPOTrainer as a timed peer row."""
+    pytest.importorskip("trl")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--lengths", "realistic", "--max_length", "128", "--batch_size", "2",
+                 "--n_batches", "1", "--steps", "1", "--rounds", "1", "--warmup", "1", "--memory", "false",
+                 "--strategies", "none", "--packings", "padded", "--references", "cached", "--json", str(out)]) == 0
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"none", "trl-dpo"} and rows["trl-dpo"]["sec_per_step"] > 0
+    assert rows["none"]["time_ratio_vs_trl"] == rows["none"]["sec_per_step"] / rows["trl-dpo"]["sec_per_step"]

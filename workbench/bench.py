@@ -1,13 +1,19 @@
 """`python -m workbench bench`: the cost of self-reflective conditioning, measured side by side.
 
-A Llama-style model is built from a config (no download) and a fixed synthetic set of pairs (seeded
-random tokens, fixed lengths) is laid out by the conditioning builder's rules. Every configuration
-strategy {none, symmetric, averaged} x packing {padded, tree} x reference {cached, live} runs full
-training steps (forward, DPO loss, backward, AdamW) in one process, interleaved round by round so
-drift hits all alike. Reported per configuration: pairs/s, tokens/s, tokens processed per step
-(positions the model computes, padding included), peak memory, and ratios to none/padded/cached.
-On CPU peak memory is measured per configuration in a child process (peak RSS growth); on CUDA it is
-`max_memory_allocated` in the same process.
+A Llama-style model is built from a config (no download) and a seeded synthetic set of pairs is
+laid out by the conditioning builder's rules: `--lengths fixed` (every prompt and response of one
+length, the historical preset) or `--lengths realistic` (prompts 16-256 and responses 20-400 tokens,
+log-uniform, chosen and rejected drawn apart, written as words of a word-level tokenizer and built by
+the real `ConditioningBuilder` within `max_length`). Every configuration strategy {none, symmetric,
+averaged} x packing {padded, tree} x reference {cached, live} runs full training steps (forward,
+DPO loss, backward, AdamW) in one process, interleaved round by round so drift hits all alike; with
+realistic lengths and `trl` installed, TRL's `DPOTrainer` with precomputed reference log-probs (its
+fastest setting) runs as a peer row on the same model, text, batch size and max_length.
+
+Reported per configuration: seconds and pairs per step, tokens processed per step (positions the
+model computes, padding included), model FLOPs utilisation against this machine's own measured
+matmul throughput, peak memory, and ratios. On CPU peak memory is measured per configuration in a
+child process (peak RSS growth); on CUDA it is `max_memory_allocated` in the same process.
 """
 
 from __future__ import annotations
@@ -15,15 +21,17 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import math
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from inspo_core.conditioning import BuiltPair
+from inspo_core.conditioning import BuilderConfig, BuiltPair, ConditioningBuilder
 from inspo_core.config import opt
 from inspo_core.logps import TokenLogps
 from inspo_core.scoring import prepare_batch, score_batch
@@ -43,8 +51,14 @@ class BenchConfig:
     preset: str = opt("cpu-small", "model size: tiny (tests), cpu-small (~20M params) or 0.5b (~0.5B, for GPUs)",
                       choices=list(PRESETS))
     vocab: int | None = opt(None, "override the preset's vocabulary (e.g. 128256 for a Llama-3 vocabulary)")
-    prompt_len: int = opt(128, "prompt tokens")
-    response_len: int = opt(64, "tokens of each response")
+    lengths: str = opt("fixed", "fixed: every prompt prompt_len and every response response_len tokens; realistic: "
+                       "prompts 16-256 and responses 20-400 tokens (log-uniform, chosen and rejected apart) within "
+                       "max_length, with TRL's DPOTrainer as a peer row", choices=["fixed", "realistic"])
+    prompt_len: int = opt(128, "fixed lengths: prompt tokens")
+    response_len: int = opt(64, "fixed lengths: tokens of each response")
+    max_length: int = opt(512, "realistic lengths: the builder's (and TRL's) max_length")
+    n_batches: int = opt(4, "realistic lengths: distinct batches, each step takes the next")
+    trl: bool = opt(True, "realistic lengths: add TRL's DPOTrainer (precomputed reference) when trl is installed")
     context_format: str = opt("sep", "layout of the alternative (raw lets tree packing share it)",
                               choices=["sep", "raw"])
     batch_size: int = opt(8, "pairs per step")
@@ -60,6 +74,7 @@ class BenchConfig:
     bf16: bool = opt(False, "bf16 weights and compute (CUDA)")
     memory: bool = opt(True, "measure peak memory (CPU: one child process per configuration)")
     seed: int = opt(0, "seed of the model and the data")
+    profile: bool = opt(False, "print where one step of each configuration spends its time (torch profiler)")
     json: str | None = opt(None, "also write the rows to this JSON file")
     only: str | None = opt(None, "internal: run one configuration strategy/packing/reference and print its peak memory")
 
@@ -76,6 +91,7 @@ def model_for(cfg: BenchConfig):
 
 
 def synthetic_pairs(cfg: BenchConfig, vocab: int) -> list[BuiltPair]:
+    """Fixed lengths: random tokens laid out directly (every pair the same shape)."""
     g = torch.Generator().manual_seed(cfg.seed)
     rand = lambda n: torch.randint(5, vocab, (n,), generator=g).tolist()  # noqa: E731
     sep, eos = 3, 2
@@ -91,36 +107,183 @@ def synthetic_pairs(cfg: BenchConfig, vocab: int) -> list[BuiltPair]:
     return pairs
 
 
+SPECIALS = ("<pad>", "<s>", "</s>", "<sep>", "<unk>")  # ids 0-4, as in synthetic_pairs
+
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer whose word `w<i>` is token i: text written from token ids tokenises back
+    to exactly those ids, in our builder and in TRL alike."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    table = {t: i for i, t in enumerate(SPECIALS)} | {f"w{i}": i for i in range(len(SPECIALS), vocab)}
+    tk = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   sep_token="<sep>", unk_token="<unk>")
+
+
+def realistic_rows(cfg: BenchConfig, vocab: int) -> list[dict]:
+    """Preference rows of words: prompts 16-256, responses 20-400 tokens, log-uniform and independent."""
+    import numpy as np
+
+    g = np.random.default_rng(cfg.seed)
+    length = lambda lo, hi: int(round(math.exp(g.uniform(math.log(lo), math.log(hi)))))  # noqa: E731
+    words = lambda n: " ".join(f"w{i}" for i in g.integers(len(SPECIALS), vocab, n))  # noqa: E731
+    return [{"prompt": words(length(16, 256)), "chosen": words(length(20, 400)),
+             "rejected": words(length(20, 400))} for _ in range(cfg.batch_size * cfg.n_batches)]
+
+
+def realistic_batches(cfg: BenchConfig, rows: list[dict], tok, views) -> list[list[BuiltPair]]:
+    """The rows built for `views` as the trainer would (truncation, the alternative capped at 0.4 of
+    max_length), cut into batches of batch_size pairs."""
+    builder = ConditioningBuilder(tok, BuilderConfig(context_format=cfg.context_format, max_length=cfg.max_length),
+                                  views)
+    pairs, _ = builder.build_all(rows)
+    return [pairs[i: i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
+
+
+def model_flops(pairs: list[BuiltPair], views, n_matmul: int, layers: int, hidden: int, train: bool) -> float:
+    """Model FLOPs of scoring `views` of `pairs`, each view's sequence on its own and without padding
+    (what the work is, however it is laid out): 2 per matmul parameter per token plus causal attention
+    (2 n^2 hidden per layer), x3 for forward + backward."""
+    total = 0.0
+    for p in pairs:
+        for v in views:
+            n = len(p.sequence(v)[0])
+            total += 2 * n_matmul * n + 2 * layers * hidden * n * n
+    return total * (3 if train else 1)
+
+
+def gemm_flops_per_s(dev, dtype, n: int | None = None, reps: int = 5) -> float:
+    """This machine's matmul throughput: the best of `reps` n x n x n products (FLOP/s)."""
+    n = n or (4096 if dev.type == "cuda" else 1536)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        _sync(dev)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
 class Runner:
     """One configuration: its step function and what it processes."""
 
-    def __init__(self, cfg: BenchConfig, strategy: str, packing: str, reference: str, policy, ref_model, pairs, dev):
+    def __init__(self, cfg: BenchConfig, strategy: str, packing: str, reference: str, policy, ref_model,
+                 batches: list[list[BuiltPair]], dev):
         self.name = (strategy, packing, reference)
         self.cfg, self.strategy, self.packing, self.reference = cfg, strategy, packing, reference
         self.method = resolve_method("dpo", strategy)
-        self.pairs, self.dev = pairs, dev
+        self.dev = dev
         self.policy, self.ref_model = policy, ref_model
         self.scorer = TokenLogps(policy)
         self.opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
         self.mask_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         # batches are laid out once, outside the timed steps (as a data loader's workers would)
-        self.batch = prepare_batch(pairs, self.method.policy_views, packing=packing)
-        self.ref_batch = prepare_batch(pairs, self.method.ref_views, packing=packing)
-        self.tokens_processed = self.batch.batch.input_ids.numel()  # positions computed, padding included
-        with torch.no_grad():
-            self.cached = self.ref_logps(ref_model)  # what the cache would hold (computed once, not timed)
+        self.batches = [prepare_batch(b, self.method.policy_views, packing=packing) for b in batches]
+        self.ref_batches = [prepare_batch(b, self.method.ref_views, packing=packing) for b in batches]
+        self.pairs = batches
+        # positions computed per step, padding included (mean over the batches)
+        self.tokens_processed = sum(b.batch.input_ids.numel() for b in self.batches) / len(self.batches)
+        self.cached = [self.ref_logps(ref_model, i) for i in range(len(batches))]  # what the cache would hold
+        self.i = 0
 
-    def ref_logps(self, model):
+    def ref_logps(self, model, i: int):
         with torch.no_grad():
-            return score_batch(TokenLogps(model), self.ref_batch, device=self.dev, mask_dtype=self.mask_dtype).logps
+            return score_batch(TokenLogps(model), self.ref_batches[i], device=self.dev,
+                               mask_dtype=self.mask_dtype).logps
+
+    def flops_per_step(self, n_matmul: int, layers: int, hidden: int) -> float:
+        """Mean model FLOPs of one step (policy forward + backward; the live reference's forward)."""
+        total = 0.0
+        for pairs in self.pairs:
+            total += model_flops(pairs, self.method.policy_views, n_matmul, layers, hidden, train=True)
+            if self.reference == "live":
+                total += model_flops(pairs, self.method.ref_views, n_matmul, layers, hidden, train=False)
+        return total / len(self.pairs)
 
     def step(self) -> None:
-        ref = self.cached if self.reference == "cached" else self.ref_logps(self.ref_model)
-        scored = score_batch(self.scorer, self.batch, device=self.dev, mask_dtype=self.mask_dtype)
+        i, self.i = self.i, (self.i + 1) % len(self.batches)
+        ref = self.cached[i] if self.reference == "cached" else self.ref_logps(self.ref_model, i)
+        scored = score_batch(self.scorer, self.batches[i], device=self.dev, mask_dtype=self.mask_dtype)
         loss = self.method.loss(scored.logps, ref, scored.lengths).losses.mean()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def run(self, steps: int) -> list[float]:
+        """Seconds of each of `steps` steps."""
+        out = []
+        for _ in range(steps):
+            _sync(self.dev)
+            t0 = time.perf_counter()
+            self.step()
+            _sync(self.dev)
+            out.append(time.perf_counter() - t0)
+        return out
+
+
+class TrlRunner:
+    """TRL's DPOTrainer on the same model (fresh weights of the same seed), text and batch size, with
+    the reference log-probs precomputed; each round is one `train()` call of warmup + steps steps,
+    timed from the first forward of a step to the end of its optimizer step (the batch's collation,
+    which ours does outside the timed steps too, is not counted)."""
+
+    name = ("trl-dpo", "trl", "cached")
+    strategy, packing, reference = name
+
+    def __init__(self, cfg: BenchConfig, rows: list[dict], tok, dev, flops: float):
+        import datasets
+        from huggingface_hub import constants
+        from transformers import PrinterCallback, TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+
+        # TRL sends telemetry from a thread when a trainer is made; offline, that thread's retries hold
+        # the GIL and slowed every configuration in this process ~25x (measured). HF_HUB_DISABLE_TELEMETRY=1
+        # is the documented switch; huggingface_hub read it at import, so it is set on the loaded module.
+        constants.HF_HUB_DISABLE_TELEMETRY = True
+
+        self.cfg, self.dev, self.flops = cfg, dev, flops
+        self.tmp = tempfile.TemporaryDirectory(prefix="inspo-bench-trl-")
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = model_for(cfg).to(dev, dtype)
+        args = DPOConfig(output_dir=self.tmp.name, per_device_train_batch_size=cfg.batch_size,
+                         max_length=cfg.max_length, precompute_ref_log_probs=True, gradient_checkpointing=False,
+                         bf16=cfg.bf16, learning_rate=1e-6, optim="adamw_torch", lr_scheduler_type="constant",
+                         report_to=[], logging_strategy="no", save_strategy="no", max_steps=cfg.warmup + cfg.steps,
+                         use_cpu=dev.type == "cpu", dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True)
+        # the same token ids as ours: TRL concatenates prompt + completion text, and adds EOS unless present
+        data = datasets.Dataset.from_list([{"prompt": r["prompt"], "chosen": f" {r['chosen']} </s>",
+                                            "rejected": f" {r['rejected']} </s>"} for r in rows])
+        self.times: list[float] = []
+        times = self.times
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                _sync(dev)
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                _sync(dev)
+                times.append(time.perf_counter() - self.t0)
+
+        self.trainer = DPOTrainer(model=model, args=args, processing_class=tok, train_dataset=data,
+                                  callbacks=[StepTimer()])
+        self.trainer.remove_callback(PrinterCallback)  # its end-of-training metrics would interleave the table
+        self.tokens_processed = None
+
+    def run(self, steps: int) -> list[float]:
+        self.trainer.args.max_steps = self.cfg.warmup + steps
+        before = len(self.times)
+        self.trainer.train()
+        return self.times[before + self.cfg.warmup:]
+
+    def step(self) -> None:  # one step for the profiler
+        self.trainer.args.max_steps = 1
+        self.trainer.train()
 
 
 def _sync(dev):
@@ -143,8 +306,37 @@ def _setup(cfg: BenchConfig, live_reference: bool = True):
     if cfg.tree_attention == "segments":
         for m in {id(policy): policy, id(ref_model): ref_model}.values():
             use_tree_attention(m)
-    pairs = synthetic_pairs(cfg, policy.config.vocab_size)
-    return dev, policy, ref_model, pairs
+    return dev, policy, ref_model
+
+
+class Data:
+    """The pairs every configuration trains on: per strategy, a list of batches."""
+
+    def __init__(self, cfg: BenchConfig, vocab: int):
+        self.cfg = cfg
+        if cfg.lengths == "realistic":
+            self.tok = word_tokenizer(vocab)
+            self.rows = realistic_rows(cfg, vocab)
+        else:
+            self.tok, self.rows = None, None
+            self.fixed = synthetic_pairs(cfg, vocab)
+
+    def batches(self, strategy: str) -> list[list[BuiltPair]]:
+        if self.rows is None:
+            return [self.fixed]
+        m = resolve_method("dpo", strategy)
+        return realistic_batches(self.cfg, self.rows, self.tok, set(m.policy_views) | set(m.ref_views))
+
+
+def _trl_available(cfg: BenchConfig, log) -> bool:
+    if not (cfg.trl and cfg.lengths == "realistic"):
+        return False
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        log("trl is not installed: no TRL row (pip install trl)")
+        return False
+    return True
 
 
 def measure_one_memory(cfg: BenchConfig) -> float:
@@ -152,8 +344,16 @@ def measure_one_memory(cfg: BenchConfig) -> float:
     strategy, packing, reference = cfg.only.split("/")
     if torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu").type == "cpu":
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: freed blocks leave RSS at once
-    dev, policy, ref_model, pairs = _setup(cfg, live_reference=reference == "live")
-    r = Runner(cfg, strategy, packing, reference, policy, ref_model, pairs, dev)
+    if strategy == "trl-dpo":
+        dev = torch.device("cpu")
+        data = Data(cfg, model_for(cfg).config.vocab_size)
+        r = TrlRunner(dataclasses.replace(cfg, warmup=0), data.rows, data.tok, dev, 0.0)
+        base = peak_rss_mb()
+        r.run(2)
+        return peak_rss_mb() - base
+    dev, policy, ref_model = _setup(cfg, live_reference=reference == "live")
+    r = Runner(cfg, strategy, packing, reference, policy, ref_model, Data(cfg, policy.config.vocab_size)
+               .batches(strategy), dev)
     base = peak_rss_mb()
     for _ in range(2):
         r.step()
@@ -164,52 +364,99 @@ def run_bench(cfg: BenchConfig, log=print) -> list[dict]:
     if cfg.only:
         print(f"{measure_one_memory(cfg):.1f}")
         return []
-    dev, policy, ref_model, pairs = _setup(cfg)
+    dev, policy, ref_model = _setup(cfg)
+    mc = policy.config
     n_params = sum(p.numel() for p in policy.parameters())
+    n_matmul = n_params - policy.get_input_embeddings().weight.numel()  # the LM head is a matmul, the lookup not
+    data = Data(cfg, mc.vocab_size)
     combos = [(s, p, r) for s in cfg.strategies for p in cfg.packings for r in cfg.references]
-    runners = [Runner(cfg, s, p, r, policy, ref_model, pairs, dev) for s, p, r in combos]
+    batches = {s: data.batches(s) for s in cfg.strategies}
+    runners = [Runner(cfg, s, p, r, policy, ref_model, batches[s], dev) for s, p, r in combos]
+    if _trl_available(cfg, log):
+        dpo_views = resolve_method("dpo", "none").policy_views
+        dpo = sum(model_flops(b, dpo_views, n_matmul, mc.num_hidden_layers, mc.hidden_size, train=True)
+                  for b in batches.get("none") or data.batches("none")) / cfg.n_batches
+        runners.append(TrlRunner(cfg, data.rows, data.tok, dev, dpo))
+    peak = gemm_flops_per_s(dev, torch.bfloat16 if cfg.bf16 else torch.float32)
+    shape = (f"prompt {cfg.prompt_len}, responses {cfg.response_len}" if cfg.lengths == "fixed" else
+             f"realistic lengths (prompts 16-256, responses 20-400 tokens) within max_length {cfg.max_length}, "
+             f"{cfg.n_batches} batches")
     log(f"bench: {cfg.preset} ({n_params / 1e6:.1f}M parameters), {dev.type}, {'bf16' if cfg.bf16 else 'fp32'}, "
-        f"{cfg.batch_size} pairs/step, prompt {cfg.prompt_len}, responses {cfg.response_len}, "
-        f"context {cfg.context_format}; {cfg.rounds} x {cfg.steps} timed steps per configuration")
+        f"{cfg.batch_size} pairs/step, {shape}, context {cfg.context_format}; {cfg.rounds} x {cfg.steps} timed "
+        f"steps per configuration; matmul throughput {peak / 1e9:.1f} GFLOP/s")
     for r in runners:
-        for _ in range(cfg.warmup):
-            r.step()
-    elapsed = {r.name: 0.0 for r in runners}
+        if isinstance(r, Runner):
+            for _ in range(cfg.warmup):
+                r.step()
+    times: dict = {r.name: [] for r in runners}
     for _ in range(cfg.rounds):
         for r in runners:
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(cfg.steps):
-                r.step()
-            _sync(dev)
-            elapsed[r.name] += time.perf_counter() - t0
+            times[r.name] += r.run(cfg.steps)
+    if cfg.profile:
+        for r in runners:
+            log(profile_step(r))
     rows = []
-    n_steps = cfg.rounds * cfg.steps
     for r in runners:
-        t = elapsed[r.name] / n_steps
+        t = sum(times[r.name]) / len(times[r.name])
+        flops = r.flops if isinstance(r, TrlRunner) else r.flops_per_step(n_matmul, mc.num_hidden_layers,
+                                                                           mc.hidden_size)
         rows.append({"strategy": r.strategy, "packing": r.packing, "reference": r.reference,
-                     "pairs_per_s": cfg.batch_size / t, "tokens_per_s": r.tokens_processed / t,
-                     "tokens_processed": r.tokens_processed, "sec_per_step": t, "peak_mem_mb": None})
+                     "pairs_per_s": cfg.batch_size / t, "sec_per_step": t,
+                     "tokens_per_s": r.tokens_processed / t if r.tokens_processed else None,
+                     "tokens_processed": r.tokens_processed, "model_flops": flops, "mfu": flops / t / peak,
+                     "peak_mem_mb": None})
     if cfg.memory:
         for row in rows:
             row["peak_mem_mb"] = _memory(cfg, row, dev)
-    base = {(row["strategy"], row["packing"], row["reference"]): row for row in rows}
-    for row in rows:
-        ref = base.get(("none", "padded", "cached"))
-        same = base.get(("none", row["packing"], row["reference"]))
-        if ref:
-            row["time_ratio_vs_none_padded_cached"] = ref["pairs_per_s"] / row["pairs_per_s"]
-        if same:
-            row["time_ratio_vs_none"] = same["pairs_per_s"] / row["pairs_per_s"]
-            row["tokens_ratio_vs_none"] = row["tokens_processed"] / same["tokens_processed"]
-            if row["peak_mem_mb"] is not None and same["peak_mem_mb"]:
-                row["mem_ratio_vs_none"] = row["peak_mem_mb"] / same["peak_mem_mb"]
+    add_ratios(rows)
     log(format_rows(rows))
     log(check_targets(rows))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps({"config": dataclasses.asdict(cfg), "device": dev.type,
-                                              "parameters": n_params, "rows": rows}, indent=1))
+                                              "parameters": n_params, "gemm_flops_per_s": peak, "rows": rows,
+                                              "versions": versions()}, indent=1))
     return rows
+
+
+def versions() -> dict:
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import trl
+
+        out["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    base = {(row["strategy"], row["packing"], row["reference"]): row for row in rows}
+    ref, trl = base.get(("none", "padded", "cached")), base.get(TrlRunner.name)
+    for row in rows:
+        same = base.get(("none", row["packing"], row["reference"]))
+        if ref:
+            row["time_ratio_vs_none_padded_cached"] = row["sec_per_step"] / ref["sec_per_step"]
+        if trl:
+            row["time_ratio_vs_trl"] = row["sec_per_step"] / trl["sec_per_step"]
+        if same and row["tokens_processed"]:
+            row["time_ratio_vs_none"] = row["sec_per_step"] / same["sec_per_step"]
+            row["tokens_ratio_vs_none"] = row["tokens_processed"] / same["tokens_processed"]
+            if row["peak_mem_mb"] is not None and same["peak_mem_mb"]:
+                row["mem_ratio_vs_none"] = row["peak_mem_mb"] / same["peak_mem_mb"]
+
+
+def profile_step(r) -> str:
+    """Where one step of `r` spends its time: the profiler's top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if r.dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        r.step()
+    key = "self_cuda_time_total" if r.dev.type == "cuda" else "self_cpu_time_total"
+    name = "/".join(r.name)
+    return f"profile of one step, {name}:\n" + prof.key_averages().table(sort_by=key, row_limit=14)
 
 
 def _memory(cfg: BenchConfig, row: dict, dev) -> float:
@@ -217,11 +464,15 @@ def _memory(cfg: BenchConfig, row: dict, dev) -> float:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-        _, policy, ref_model, pairs = _setup(cfg, live_reference=row["reference"] == "live")
-        r = Runner(cfg, row["strategy"], row["packing"], row["reference"], policy, ref_model, pairs, dev)
+        if row["strategy"] == "trl-dpo":
+            data = Data(cfg, model_for(cfg).config.vocab_size)
+            r = TrlRunner(dataclasses.replace(cfg, warmup=0), data.rows, data.tok, dev, 0.0)
+        else:
+            _, policy, ref_model = _setup(cfg, live_reference=row["reference"] == "live")
+            r = Runner(cfg, row["strategy"], row["packing"], row["reference"], policy, ref_model,
+                       Data(cfg, policy.config.vocab_size).batches(row["strategy"]), dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        for _ in range(2):
-            r.step()
+        r.run(2)
         return torch.cuda.max_memory_allocated(dev) / 2**20
     args = [sys.executable, "-m", "workbench", "bench", "--only", name, "--memory", "false"]
     for f in dataclasses.fields(cfg):
@@ -234,15 +485,19 @@ def _memory(cfg: BenchConfig, row: dict, dev) -> float:
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'strategy':<10}{'packing':<8}{'reference':<10}{'pairs/s':>9}{'tokens/s':>11}{'tokens':>8}" \
-           f"{'peak MB':>9}{'time/none':>10}{'tokens/none':>12}{'vs none-padded-cached':>22}"
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    head = f"{'strategy':<10}{'packing':<8}{'reference':<10}{'s/step':>8}{'pairs/s':>9}{'tokens':>8}{'MFU':>7}" \
+           f"{'peak MB':>9}{'time/none':>10}{'tokens/none':>12}{'vs none-padded':>15}{'vs TRL':>8}"
     lines = [head]
     for r in rows:
-        mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
-        lines.append(f"{r['strategy']:<10}{r['packing']:<8}{r['reference']:<10}{r['pairs_per_s']:>9.2f}"
-                     f"{r['tokens_per_s']:>11.0f}{r['tokens_processed']:>8}{mem:>9}"
-                     f"{r.get('time_ratio_vs_none', float('nan')):>10.2f}{r.get('tokens_ratio_vs_none', float('nan')):>12.2f}"
-                     f"{r.get('time_ratio_vs_none_padded_cached', float('nan')):>22.2f}")
+        lines.append(f"{r['strategy']:<10}{r['packing']:<8}{r['reference']:<10}{r['sec_per_step']:>8.3f}"
+                     f"{r['pairs_per_s']:>9.2f}{f(r['tokens_processed'], '.0f'):>8}{r['mfu']:>7.1%}"
+                     f"{f(r['peak_mem_mb'], '.0f'):>9}{f(r.get('time_ratio_vs_none'), '.2f'):>10}"
+                     f"{f(r.get('tokens_ratio_vs_none'), '.2f'):>12}"
+                     f"{f(r.get('time_ratio_vs_none_padded_cached'), '.2f'):>15}"
+                     f"{f(r.get('time_ratio_vs_trl'), '.2f'):>8}")
     return "\n".join(lines)
 
 
@@ -261,8 +516,17 @@ def check_targets(rows: list[dict]) -> str:
                            f"{'met' if s['mem_ratio_vs_none'] <= 1.15 else 'NOT met'}")
         a, s2 = by.get(("averaged", packing, "cached")), by.get(("symmetric", packing, "cached"))
         if a and s2:
-            ratio = s2["pairs_per_s"] / a["pairs_per_s"]
+            ratio = a["sec_per_step"] / s2["sec_per_step"]
             out.append(f"  averaged/symmetric time ({packing}) {ratio:.2f} <= 1.1: {'met' if ratio <= 1.1 else 'NOT met'}")
+    trl = by.get(TrlRunner.name)
+    if trl:
+        for strategy, bound in (("none", 1.0), ("symmetric", 1.3)):
+            mine = [r for r in rows if r["strategy"] == strategy and r["reference"] == "cached"]
+            if mine:
+                best = min(mine, key=lambda r: r["sec_per_step"])
+                ratio = best["sec_per_step"] / trl["sec_per_step"]
+                out.append(f"  {strategy} ({best['packing']}) vs TRL DPO time {ratio:.2f} <= {bound}: "
+                           f"{'met' if ratio <= bound else 'NOT met'}")
     s_tree, n_pad = by.get(("symmetric", "tree", "cached")), by.get(("none", "padded", "cached"))
     if s_tree and n_pad:
         out.append(f"  symmetric with tree packing vs plain DPO padded: {s_tree['time_ratio_vs_none_padded_cached']:.2f}x "
