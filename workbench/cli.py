@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "workbench.evaluation:run_eval"),
     "sweep": ("a grid of training runs sharing the reference cache", "workbench.sweep:SweepConfig",
               "workbench.sweep:run_sweep"),
+    "transfer": ("the transfer study: does INS-DPO's reflection reach the deployed policy? (capacity x world grid)",
+                 "workbench.transfer:TransferConfig", "workbench.transfer:run_transfer"),
     "compare": ("a table and plots over runs", "workbench.sweep:CompareConfig", "workbench.sweep:run_compare"),
     "bench": ("the performance benchmark: strategies x packing x reference, side by side",
               "workbench.bench:BenchConfig", "workbench.bench:run_bench"),

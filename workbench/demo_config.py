@@ -41,6 +41,7 @@ class DemoConfig:
     seeds: list | None = opt(None, "training seeds, default 0-4 / 0-2 (token worlds re-sample pairs per seed)")
     objectives: list = opt(["dpo"], "objectives to train")
     strategies: list = opt(["none", "symmetric"], "strategies to compare")
+    w: float = opt(0.5, "weight of the symmetric term of the `averaged` strategy")
     n_pairs: int = opt(2000, "token world: labelled pairs sampled from pi_ref per seed")
     max_steps: int | None = opt(None, "optimizer steps per run (default 375 / 30)")
     batch_size: int | None = opt(None, "pairs per step (default 16 / 8)")
@@ -113,7 +114,7 @@ def run_config(cfg: DemoConfig, objective: str, strategy: str, seed: int, model:
                **extra) -> TrainConfig:
     """The TrainConfig of one demo run, `<output_dir>/<objective>-<strategy>-s<seed>`; `extra` holds
     the world's own settings (validation, evaluation and checkpoint cadence)."""
-    return TrainConfig(model=str(model), data=str(data), objective=objective, strategy=strategy, seed=seed,
+    return TrainConfig(model=str(model), data=str(data), objective=objective, strategy=strategy, seed=seed, w=cfg.w,
                        beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps, lora=cfg.lora,
                        packing=cfg.packing, context_format=cfg.context_format, max_length=cfg.max_length,
                        alpha_draft=cfg.alpha_draft, dedup=False,

@@ -1,0 +1,67 @@
+"""The transfer study's arithmetic and grid (the runs themselves are exercised by notebook 06 in fast mode)."""
+
+import math
+
+import pytest
+
+from workbench.transfer import TransferConfig, analyse_point, findings, points, world_settings
+
+
+def _summary(tmp_path, values: dict) -> dict:
+    """A demo summary with given V's: values[(strategy, seed)] = (deployed, reflective)."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(final / "model.safetensors"))
+    runs = [{"objective": "pi_ref", "strategy": "-", "seed": s, "run_dir": None,
+             "deployed": {"V_identity": v}} for s, v in ((0, 0.50), (1, 0.52))]
+    runs += [{"objective": "dpo", "strategy": st, "seed": s, "run_dir": str(tmp_path / "run"),
+              "deployed": {"V_identity": d}, "reflective": {"V_identity": r}} for (st, s), (d, r) in values.items()]
+    return {"runs": runs, "ceilings": {"identity": {"pi_ref": 0.5, "pi_bar": 0.71, "pi_star": 0.9}}}
+
+
+def test_gap_and_gain_are_paired_by_seed(tmp_path):
+    from scipy.stats import t
+
+    vals = {("none", 0): (0.60, 0.62), ("none", 1): (0.64, 0.65), ("none", 2): (0.62, 0.60),
+            ("symmetric", 0): (0.56, 0.70), ("symmetric", 1): (0.59, 0.74), ("symmetric", 2): (0.56, 0.72)}
+    rows = {r["strategy"]: r for r in analyse_point(_summary(tmp_path, vals))}
+    assert rows["none"]["parameters"] == 17 and rows["none"]["gap_vs_dpo"] is None
+    gaps = [-0.04, -0.05, -0.06]  # symmetric minus none, seed by seed
+    m, lo, hi = rows["symmetric"]["gap_vs_dpo"]
+    half = t.ppf(0.975, 2) * 0.01 / math.sqrt(3)  # stdev of the gaps is 0.01
+    assert m == pytest.approx(sum(gaps) / 3) and lo == pytest.approx(m - half) and hi == pytest.approx(m + half)
+    assert rows["symmetric"]["reflection_gain"][0] == pytest.approx((0.14 + 0.15 + 0.16) / 3)
+    # toward pi_bar: (V - V(pi_ref)) / (V(pi_bar) - V(pi_ref)) with V(pi_ref) the mean of its sampled rows
+    assert rows["none"]["toward_pi_bar"] == pytest.approx((0.62 - 0.51) / (0.71 - 0.51))
+    held = findings({"points": [{"name": "p", "rows": list(rows.values())}]})
+    assert any("symmetric: deployed V vs DPO below 0" in f for f in held)
+    assert any("symmetric: reflective - deployed V above 0" in f for f in held)
+    assert not any(f.startswith("p none: deployed") for f in held)
+
+
+def test_grid_and_side_axes():
+    cfg = TransferConfig(sizes=["xs", "m"], worlds=["cyclic:0", "salience"], vary="beta=0.1,2;pretrain_context_frac=0,1")
+    ps = points(cfg)
+    assert [p["name"] for p in ps[:4]] == ["xs-cyclic0", "xs-salience", "m-cyclic0", "m-salience"]
+    side = ps[4:]
+    assert [(p["axis"], p["setting"]) for p in side] == [("beta", {"beta": 0.1}), ("beta", {"beta": 2.0}),
+                                                         ("pretrain_context_frac", {"pretrain_context_frac": 0}),
+                                                         ("pretrain_context_frac", {"pretrain_context_frac": 1})]
+    assert all(p["size"] == "m" and p["world"] == "cyclic:0.5" for p in side)
+    assert world_settings("cyclic:0.25") == {"family": "cyclic", "bt": 0.25}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(sizes=["huge"]), "size 'huge' unknown"),
+    (dict(worlds=["salience:0.5"]), "only the cyclic family"),
+    (dict(worlds=["cyclic:2"]), "in \\[0, 1\\]"),
+    (dict(strategies=["symmetric"]), "must include none"),
+    (dict(seeds=[0]), "at least 2 seeds"),
+    (dict(vary="nonsense=1"), "vary entry"),
+])
+def test_bad_settings_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TransferConfig(**bad)

@@ -1,0 +1,228 @@
+"""The transfer study (notebook 06): does what INS-DPO learns on conditioned views reach the deployed
+policy pi(.|x), which never sees an alternative?
+
+Every point of the grid — model capacity x world — is one token-world demo (`run_demo`) in
+`<output_dir>/<size>-<world>/`: real run directories with eval.json that the app's dashboard opens,
+and `--resume` continues an interrupted study where it stopped. A world is `cyclic:<bt>` (the cyclic
+family with separable weight bt in [0, 1]), `bradley_terry` or `salience`. Side axes (beta, training
+length, how much of pi_ref's pre-training saw the conditioned layout, ...) vary one key at a time around
+a reference point, so their cost adds instead of multiplying.
+
+Per point and strategy, over seeds with Student-t intervals: V of the deployed and of the reflective
+policy, the transfer gap V(deployed INS) - V(deployed DPO) paired by seed, the reflection gain
+V(reflective) - V(deployed) of the same runs, and where the deployed V lands between pi_ref (0) and
+pi_bar (1), the best any prompt-only policy can do (pi_star is the conditioned optimum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from inspo_core.config import opt
+from workbench.report import seed_interval
+
+# name: (hidden size, layers) of the world's LM (vocabulary 512, heads = hidden / 16)
+SIZES = {"xs": (16, 1), "s": (32, 2), "m": (64, 2), "l": (128, 2), "xl": (256, 4)}
+WORLD_KEYS = {"pretrain_context_frac", "pretrain_steps", "strength", "ref_concentration", "delta", "n_contexts",
+              "n_items"}  # side-axis keys that change the world (the rest are demo settings)
+
+
+@dataclass
+class TransferConfig:
+    sizes: list = opt(["xs", "s", "m", "l"], f"capacities of the world's LM: {', '.join(SIZES)}")
+    worlds: list = opt(["cyclic:0", "cyclic:0.5", "cyclic:1", "salience"],
+                       "worlds: cyclic:<separable weight 0..1>, bradley_terry, salience")
+    strategies: list = opt(["none", "symmetric", "averaged"], "strategies (none is the DPO baseline of the gap)")
+    w: float = opt(0.5, "weight of the symmetric term of `averaged`")
+    seeds: list = opt([0, 1, 2], "training seeds (pairs re-sampled per seed)")
+    vary: str = opt("", "side axes at the reference point, one key at a time: 'beta=0.1,2;max_steps=125,1000;"
+                        "pretrain_context_frac=0,1'")
+    reference_point: str = opt("m:cyclic:0.5", "size:world the side axes vary around")
+    beta: float = opt(0.5, "objective beta")
+    max_steps: int = opt(375, "optimizer steps per run")
+    n_pairs: int = opt(2000, "labelled pairs per seed")
+    n_eval: int = opt(300, "opponent samples per prompt for V")
+    pretrain_steps: int = opt(300, "pre-training steps of each world's pi_ref")
+    fast: bool = opt(False, "a 2 x 2 grid (sizes xs, s; cyclic:0 and cyclic:1), none and symmetric, 2 seeds, 20 steps")
+    output_dir: str = opt("runs/transfer", "one demo directory per point")
+    cache_dir: str = opt(".cache/inspo", "pi_ref, pairs and reference log-probs cache")
+    resume: bool = opt(False, "continue an interrupted study (finished runs are reused)")
+
+    def __post_init__(self):
+        if self.fast:
+            self.sizes, self.worlds = ["xs", "s"], ["cyclic:0", "cyclic:1"]
+            self.strategies = [s for s in self.strategies if s in ("none", "symmetric")]
+            self.seeds = self.seeds[:2]
+            self.max_steps, self.n_pairs, self.n_eval, self.pretrain_steps = 20, 300, 40, 60
+        problems = [f"size {s!r} unknown; valid: {', '.join(SIZES)}" for s in self.sizes if s not in SIZES]
+        for w in self.worlds:
+            try:
+                world_settings(w)
+            except ValueError as e:
+                problems.append(str(e))
+        if "none" not in self.strategies:
+            problems.append("strategies must include none: the transfer gap is measured against DPO")
+        if len(self.seeds) < 2:
+            problems.append("at least 2 seeds: the study reports intervals over seeds")
+        try:
+            self.side_axes()
+        except ValueError as e:
+            problems.append(str(e))
+        if problems:
+            raise ValueError("invalid TransferConfig:\n  - " + "\n  - ".join(problems))
+
+    def side_axes(self) -> dict[str, list]:
+        from inspo_core.config import coerce
+        from workbench.demo_config import DemoConfig
+
+        demo_keys = {f.name for f in dataclasses.fields(DemoConfig)}
+        axes = {}
+        for part in filter(None, (p.strip() for p in self.vary.split(";"))):
+            key, _, values = part.partition("=")
+            key = key.strip()
+            if not values or (key not in WORLD_KEYS and key not in demo_keys):
+                raise ValueError(f"vary entry {part!r}: want key=v1,v2 with key a demo setting or one of "
+                                 f"{', '.join(sorted(WORLD_KEYS))}")
+            if key in WORLD_KEYS:
+                axes[key] = [float(v) if "." in v else int(v) for v in values.split(",")]
+            else:
+                axes[key] = [coerce(DemoConfig, key, v.strip()) for v in values.split(",")]
+        return axes
+
+
+def world_settings(name: str) -> dict:
+    """`cyclic:0.3` -> {family: cyclic, bt: 0.3}; `salience` -> {family: salience}."""
+    family, _, bt = name.partition(":")
+    if family not in ("cyclic", "bradley_terry", "salience"):
+        raise ValueError(f"world {name!r}: family must be cyclic, bradley_terry or salience")
+    if bt and family != "cyclic":
+        raise ValueError(f"world {name!r}: only the cyclic family takes a separable weight")
+    if bt and not 0 <= float(bt) <= 1:
+        raise ValueError(f"world {name!r}: the separable weight must be in [0, 1]")
+    return {"family": family, **({"bt": float(bt)} if bt else {})}
+
+
+def points(cfg: TransferConfig) -> list[dict]:
+    """Every point of the study: the grid, then the side axes around the reference point."""
+    out = [{"size": s, "world": w, "axis": "grid", "setting": {}} for s in cfg.sizes for w in cfg.worlds]
+    size, _, world = cfg.reference_point.partition(":")
+    for key, values in cfg.side_axes().items():
+        out += [{"size": size, "world": world, "axis": key, "setting": {key: v}} for v in values]
+    for p in out:
+        p["name"] = f"{p['size']}-{p['world'].replace(':', '')}" + "".join(f"-{k}={v}" for k, v in p["setting"].items())
+    return out
+
+
+def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
+    from workbench.demo import run_demo
+    from workbench.demo_config import DemoConfig
+
+    hidden, layers = SIZES[point["size"]]
+    world = {"hidden_size": hidden, "num_layers": layers, **world_settings(point["world"])}
+    family = world.pop("family")
+    demo = dict(world="token", family=family, seeds=list(cfg.seeds), strategies=list(cfg.strategies), w=cfg.w,
+                beta=cfg.beta, max_steps=cfg.max_steps, n_pairs=cfg.n_pairs, n_eval=cfg.n_eval,
+                pretrain_steps=cfg.pretrain_steps, output_dir=str(Path(cfg.output_dir) / point["name"]),
+                cache_dir=cfg.cache_dir, resume=cfg.resume or (Path(cfg.output_dir) / point["name"]).is_dir())
+    for k, v in point["setting"].items():
+        (world if k in WORLD_KEYS else demo)[k] = v
+    return run_demo(DemoConfig(**demo), log=log, world_overrides=world)
+
+
+def run_transfer(cfg: TransferConfig, log=print) -> dict:
+    """Run (or continue) every point; write <output_dir>/transfer.json with the analysis."""
+    t0 = time.time()
+    todo = points(cfg)
+    results = []
+    for i, p in enumerate(todo, 1):
+        log(f"[{i}/{len(todo)}] {p['name']}")
+        summary = run_point(cfg, p, log=lambda m: None)
+        results.append({**p, "summary": str(Path(cfg.output_dir) / p["name"] / "summary.json"),
+                        "rows": analyse_point(summary)})
+        log(format_point(results[-1]))
+    doc = {"config": dataclasses.asdict(cfg), "points": results, "minutes": (time.time() - t0) / 60}
+    from inspo_core.evaluate import write_json
+
+    write_json(Path(cfg.output_dir) / "transfer.json", doc)
+    return doc
+
+
+def parameters(summary: dict) -> int:
+    """Parameters of the point's LM (its pi_ref), read from the safetensors header."""
+    from safetensors import safe_open
+
+    run = next(r for r in summary["runs"] if r["run_dir"])
+    model = Path(run["run_dir"]) / "final" / "model.safetensors"
+    with safe_open(str(model), "pt") as f:
+        total = 0
+        for k in f.keys():
+            n = 1
+            for d in f.get_slice(k).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def analyse_point(summary: dict) -> list[dict]:
+    """One row per strategy: deployed and reflective V, gap to DPO and reflection gain (paired by
+    seed), and the deployed V's place between pi_ref (0) and pi_bar (1)."""
+    runs = summary["runs"]
+    c = summary.get("ceilings", {}).get("identity", {})  # the token worlds' exact ceilings (a text world has none)
+    v_ref = seed_interval([r["deployed"]["V_identity"] for r in runs if r["objective"] == "pi_ref"])[0]
+    by_seed = {(r["strategy"], r["seed"]): r for r in runs if r["run_dir"]}
+    strategies = list(dict.fromkeys(r["strategy"] for r in runs if r["run_dir"]))
+    n_params = parameters(summary)
+    rows = []
+    for s in strategies:
+        seeds = sorted(seed for (st, seed) in by_seed if st == s)
+        dep = [by_seed[s, k]["deployed"]["V_identity"] for k in seeds]
+        ref = [by_seed[s, k]["reflective"]["V_identity"] for k in seeds if "reflective" in by_seed[s, k]]
+        gap = [by_seed[s, k]["deployed"]["V_identity"] - by_seed["none", k]["deployed"]["V_identity"]
+               for k in seeds if ("none", k) in by_seed]
+        span = c["pi_bar"] - v_ref if c else float("nan")
+        rows.append({"strategy": s, "seeds": len(seeds), "parameters": n_params, "deployed": seed_interval(dep),
+                     "reflective": seed_interval(ref) if ref else None,
+                     "gap_vs_dpo": seed_interval(gap) if s != "none" else None,
+                     "reflection_gain": seed_interval([r - d for r, d in zip(ref, dep)]) if ref else None,
+                     "toward_pi_bar": (seed_interval(dep)[0] - v_ref) / span if span > 1e-9 else float("nan"),
+                     "pi_ref": v_ref, "pi_bar": c.get("pi_bar", float("nan")),
+                     "pi_star": c.get("pi_star", float("nan"))})
+    return rows
+
+
+def _ci(t) -> str:
+    if t is None:
+        return "-"
+    m, lo, hi = t
+    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo == lo else f"{m:+.3f}"
+
+
+def format_point(p: dict) -> str:
+    lines = [f"  {p['name']} ({p['rows'][0]['parameters'] / 1e3:.0f}k parameters): pi_ref "
+             f"{p['rows'][0]['pi_ref']:.3f}, pi_bar {p['rows'][0]['pi_bar']:.3f}, pi_star {p['rows'][0]['pi_star']:.3f}"]
+    for r in p["rows"]:
+        lines.append(f"    {r['strategy']:<10} deployed {r['deployed'][0]:.3f}  reflective "
+                     f"{r['reflective'][0] if r['reflective'] else float('nan'):.3f}  gap vs DPO {_ci(r['gap_vs_dpo'])}"
+                     f"  reflection gain {_ci(r['reflection_gain'])}  toward pi_bar {r['toward_pi_bar']:+.2f}")
+    return "\n".join(lines)
+
+
+def findings(doc: dict) -> list[str]:
+    """Statements that hold across seeds: a gap or gain whose whole 95% interval is on one side of 0."""
+    out = []
+    for p in doc["points"]:
+        for r in p["rows"]:
+            for key, label in (("gap_vs_dpo", "deployed V vs DPO"), ("reflection_gain", "reflective - deployed V")):
+                t = r.get(key)
+                if t and t[1] == t[1] and (t[1] > 0 or t[2] < 0):
+                    out.append(f"{p['name']} {r['strategy']}: {label} {'above' if t[1] > 0 else 'below'} 0 "
+                               f"({_ci(t)})")
+    return out
+
+
+def load_transfer(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
