@@ -135,19 +135,19 @@ def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
 
 def run_transfer(cfg: TransferConfig, log=print) -> dict:
     """Run (or continue) every point; write <output_dir>/transfer.json with the analysis."""
+    from inspo_core.evaluate import write_json
+
     t0 = time.time()
     todo = points(cfg)
-    results = []
+    doc = {"config": dataclasses.asdict(cfg), "points": [], "minutes": 0.0}
     for i, p in enumerate(todo, 1):
         log(f"[{i}/{len(todo)}] {p['name']}")
         summary = run_point(cfg, p, log=lambda m: None)
-        results.append({**p, "summary": str(Path(cfg.output_dir) / p["name"] / "summary.json"),
-                        "rows": analyse_point(summary)})
-        log(format_point(results[-1]))
-    doc = {"config": dataclasses.asdict(cfg), "points": results, "minutes": (time.time() - t0) / 60}
-    from inspo_core.evaluate import write_json
-
-    write_json(Path(cfg.output_dir) / "transfer.json", doc)
+        doc["points"].append({**p, "summary": str(Path(cfg.output_dir) / p["name"] / "summary.json"),
+                              "rows": analyse_point(summary)})
+        doc["minutes"] = (time.time() - t0) / 60
+        write_json(Path(cfg.output_dir) / "transfer.json", doc)  # after every point: an interrupted study shows
+        log(format_point(doc["points"][-1]))                      # what it measured
     return doc
 
 
