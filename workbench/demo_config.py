@@ -31,7 +31,7 @@ WORLD_DEFAULTS = {
 @dataclass
 class DemoConfig:
     world: str = opt("token", "token: a synthetic world with a tiny LM (minutes); sentiment: SmolLM2-135M-Instruct "
-                     "with a VADER oracle (about an hour on 2 CPU cores)", choices=list(WORLDS))
+                     "with a VADER oracle (about 52 min on 2 CPU cores with the default none, symmetric x 3 seeds)", choices=list(WORLDS))
     family: str | None = opt(None, "preference family (token: cyclic, bradley_terry, salience; sentiment: "
                              "bradley_terry, salience); default cyclic / bradley_terry")
     n_contexts: int = opt(4, "token world: prompts")
