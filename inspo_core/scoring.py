@@ -52,6 +52,13 @@ class PreparedBatch:
         return self.batch.lengths
 
 
+def _language_model(scorer):
+    """The causal LM inside a scorer, through DDP's and DeepSpeed's `.module` wrappers."""
+    while not hasattr(scorer, "lm") and hasattr(scorer, "module"):
+        scorer = scorer.module
+    return scorer.lm
+
+
 def check_packing(packing: str) -> None:
     if packing not in PACKINGS:
         raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(PACKINGS)}")
@@ -78,7 +85,7 @@ def score_batch(scorer, prepared: PreparedBatch, *, device=None, mask_dtype: tor
         device = next(model.parameters()).device
     b = prepared.batch
     if isinstance(b, PackedBatch):
-        if uses_tree_attention(model.lm):  # attention per segment: no [N, N] mask at all
+        if uses_tree_attention(_language_model(model)):  # attention per segment: no [N, N] mask at all
             segments = [dataclasses.replace(s, path=s.path.to(device)) for s in b.segments]
             mask, extra = torch.zeros(b.input_ids.shape[0], 1, 1, 1, device=device, dtype=mask_dtype), {
                 "tree_segments": segments}
