@@ -57,7 +57,7 @@ def test_grid_and_side_axes():
 @pytest.mark.parametrize("bad, message", [
     (dict(sizes=["huge"]), "size 'huge' unknown"),
     (dict(worlds=["salience:0.5"]), "only the cyclic family"),
-    (dict(worlds=["cyclic:2"]), "in \\[0, 1\\]"),
+    (dict(worlds=["cyclic:-1"]), "must be a number >= 0"),
     (dict(strategies=["symmetric"]), "must include none"),
     (dict(seeds=[0]), "at least 2 seeds"),
     (dict(vary="nonsense=1"), "vary entry"),

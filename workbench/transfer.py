@@ -4,7 +4,8 @@ policy pi(.|x), which never sees an alternative?
 Every point of the grid — model capacity x world — is one token-world demo (`run_demo`) in
 `<output_dir>/<size>-<world>/`: real run directories with eval.json that the app's dashboard opens,
 and `--resume` continues an interrupted study where it stopped. A world is `cyclic:<bt>` (the cyclic
-family with separable weight bt in [0, 1]), `bradley_terry` or `salience`. Side axes (beta, training
+family: a tournament at strength 3 plus bt times a separable Bradley-Terry score on the logit scale, so bt
+= 0 is a pure tournament and separability grows with bt), `bradley_terry` (separable) or `salience`. Side axes (beta, training
 length, how much of pi_ref's pre-training saw the conditioned layout, ...) vary one key at a time around
 a reference point, so their cost adds instead of multiplying.
 
@@ -35,7 +36,7 @@ WORLD_KEYS = {"pretrain_context_frac", "pretrain_steps", "strength", "ref_concen
 class TransferConfig:
     sizes: list = opt(["xs", "s", "m", "l"], f"capacities of the world's LM: {', '.join(SIZES)}")
     worlds: list = opt(["cyclic:0", "cyclic:0.5", "cyclic:1", "salience"],
-                       "worlds: cyclic:<separable weight 0..1>, bradley_terry, salience")
+                       "worlds: cyclic:<bt> (tournament + bt x a separable score), bradley_terry, salience")
     strategies: list = opt(["none", "symmetric", "averaged"], "strategies (none is the DPO baseline of the gap)")
     w: float = opt(0.5, "weight of the symmetric term of `averaged`")
     seeds: list = opt([0, 1, 2], "training seeds (pairs re-sampled per seed)")
@@ -101,8 +102,8 @@ def world_settings(name: str) -> dict:
         raise ValueError(f"world {name!r}: family must be cyclic, bradley_terry or salience")
     if bt and family != "cyclic":
         raise ValueError(f"world {name!r}: only the cyclic family takes a separable weight")
-    if bt and not 0 <= float(bt) <= 1:
-        raise ValueError(f"world {name!r}: the separable weight must be in [0, 1]")
+    if bt and not float(bt) >= 0:
+        raise ValueError(f"world {name!r}: the separable weight must be a number >= 0")
     return {"family": family, **({"bt": float(bt)} if bt else {})}
 
 
