@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from workbench.bench import BenchConfig, check_targets, synthetic_pairs
+from workbench.bench import BenchConfig, check_targets
+from workbench.bench_data import synthetic_pairs
 from workbench.cli import main
 
 CONTRACT = {"strategy", "packing", "reference", "pairs_per_s", "sec_per_step", "tokens_per_s", "tokens_processed",
@@ -49,7 +50,7 @@ def test_raw_layout_lets_averaged_share_contexts():
 def test_realistic_lengths_are_the_same_tokens_for_us_and_trl():
     """The realistic preset writes token ids as words: our builder and TRL's tokenisation (prompt text +
     completion text, EOS added as text) see the same ids; lengths spread and chosen != rejected."""
-    from workbench.bench import Data, realistic_rows, word_tokenizer
+    from workbench.bench_data import Data, realistic_rows, word_tokenizer
 
     cfg = BenchConfig(preset="tiny", lengths="realistic", batch_size=4, n_batches=2, max_length=512)
     rows = realistic_rows(cfg, 1000)
@@ -71,7 +72,7 @@ def test_model_flops_by_hand():
     """6 N per token plus causal attention 6 n^2 h per layer for training; a third of it forward only."""
     from inspo_core.conditioning import BuiltPair
     from inspo_core.strategies import resolve_method
-    from workbench.bench import model_flops
+    from workbench.bench_data import model_flops
 
     pair = BuiltPair(0, [1] * 10, {"chosen": [5] * 6, "rejected": [6] * 4}, {}, {"chosen": 6, "rejected": 4})
     views = resolve_method("dpo", "none").policy_views
