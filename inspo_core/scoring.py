@@ -13,7 +13,6 @@ length normalisation is the objective's business (`preference_loss(length_normal
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from inspo_core.conditioning import BuiltPair, ViewBatch, collate_views
 from inspo_core.logps import as_scorer
 from inspo_core.packing import PackedBatch, pack_pairs
 from inspo_core.strategies import View
-from inspo_core.tree_attention import uses_tree_attention
+from inspo_core.tree_attention import TreeLayout, uses_tree_attention
 
 Tensor = torch.Tensor
 PACKINGS = ("padded", "tree")
@@ -86,9 +85,8 @@ def score_batch(scorer, prepared: PreparedBatch, *, device=None, mask_dtype: tor
     b = prepared.batch
     if isinstance(b, PackedBatch):
         if uses_tree_attention(_language_model(model)):  # attention per segment: no [N, N] mask at all
-            segments = [dataclasses.replace(s, path=s.path.to(device)) for s in b.segments]
             mask, extra = torch.zeros(b.input_ids.shape[0], 1, 1, 1, device=device, dtype=mask_dtype), {
-                "tree_segments": segments}
+                "tree_segments": TreeLayout(b.segments, b.input_ids.shape[1])}
         else:
             mask, extra = b.dense_mask(mask_dtype).to(device), {}
         per_token = model(b.input_ids.to(device), mask, b.pred_rows.to(device), b.pred_cols.to(device),

@@ -4,7 +4,7 @@ not (packed row)^2 as with a dense [N, N] mask.
 
 Registered with transformers as the attention implementation "inspo_tree". When a forward carries
 `tree_segments` (from `inspo_core.packing`), every layer's attention runs segment by segment with
-SDPA on the gathered keys and values of the segment's root path; without it (padded batches,
+SDPA on the keys and values of the segment's root path; without it (padded batches,
 generation) it is exactly transformers' SDPA attention with the usual mask. Rotary position
 embeddings were applied before this function, from the tree's explicit position ids, so each path
 sees the positions its padded sequence would have.
@@ -31,30 +31,91 @@ class Segment:
     path: torch.Tensor  # [A] long
 
 
+class TreeLayout:
+    """The segments of one packed batch, arranged for attention once per forward (every layer reuses
+    it): per row, the split of the N columns into segment pieces (and gaps: padding), each segment's
+    ancestors as pieces of its row, and the [n, a + n] masks, built once per shape and device."""
+
+    def __init__(self, segments: list[Segment], n_cols: int | None = None):
+        self.segments = segments
+        n_cols = n_cols or max(s.end for s in segments)
+        self.rows: dict[int, tuple[list[int], list[tuple[int, list[int]]]]] = {}
+        by_row: dict[int, list[Segment]] = {}
+        for seg in segments:
+            by_row.setdefault(seg.row, []).append(seg)
+        for r, segs in by_row.items():
+            segs.sort(key=lambda s: s.start)
+            sizes, piece_at, at = [], {}, 0  # piece lengths covering [0, n_cols); segment start -> piece
+            for seg in segs:
+                if seg.start < at:
+                    raise ValueError(f"tree segments overlap in row {r} at column {seg.start}")
+                if seg.start > at:
+                    sizes.append(seg.start - at)  # a gap (padding between or before trees)
+                piece_at[seg.start] = len(sizes)
+                sizes.append(seg.end - seg.start)
+                at = seg.end
+            if at < n_cols:
+                sizes.append(n_cols - at)
+            ends = {seg.start: seg.end for seg in segs}
+            attn = []  # (piece of the segment, pieces of its ancestors root first)
+            for seg in segs:
+                anc, cols, c = [], seg.path.tolist(), 0
+                while c < len(cols):  # a root path is whole ancestor segments, one after another
+                    start = cols[c]
+                    if start not in ends or cols[c : c + ends[start] - start] != list(range(start, ends[start])):
+                        raise ValueError(f"the path of the segment at row {r}, columns {seg.start}-{seg.end} "
+                                         "is not made of whole segments of its row")
+                    anc.append(piece_at[start])
+                    c += ends[start] - start
+                attn.append((piece_at[seg.start], anc))
+            self.rows[r] = (sizes, attn)
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def mask(self, n: int, a: int, device) -> torch.Tensor:
+        """[n, a + n] bool: the a ancestor columns in full, the segment's own n causally."""
+        key = (n, a, str(device))
+        if key not in self._masks:
+            m = torch.ones(n, a + n, dtype=torch.bool, device=device)
+            m[:, a:] = torch.tril(m[:, a:])
+            self._masks[key] = m
+        return self._masks[key]
+
+
 def tree_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                           tree_segments: list[Segment] | None = None, **kwargs):
+                           tree_segments: list[Segment] | TreeLayout | None = None, **kwargs):
     """query [R, Hq, N, D], key / value [R, Hkv, N, D] -> ([R, N, Hq, D], None), as transformers'
-    attention functions return."""
+    attention functions return.
+
+    Each row is split into its segments once (`split`, whose backward is one concatenation) and each
+    segment's keys and values are its ancestors' pieces and its own, concatenated: nothing is indexed
+    by column, so the backward pass writes every gradient once instead of a full-size scatter per
+    segment."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if tree_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    layout = tree_segments if isinstance(tree_segments, TreeLayout) else TreeLayout(tree_segments, query.shape[2])
     groups = getattr(module, "num_key_value_groups", 1)
-    out = query.new_zeros(query.shape)
-    for seg in tree_segments:
-        cols = torch.cat([seg.path.to(query.device),
-                          torch.arange(seg.start, seg.end, device=query.device)])
-        q = query[seg.row : seg.row + 1, :, seg.start : seg.end]
-        k = key[seg.row : seg.row + 1, :, cols]
-        v = value[seg.row : seg.row + 1, :, cols]
-        n, a = seg.end - seg.start, len(seg.path)
-        # ancestors in full, own segment causally: [n, a + n]
-        mask = torch.ones(n, a + n, dtype=torch.bool, device=query.device)
-        mask[:, a:] = torch.tril(mask[:, a:])
-        out[seg.row : seg.row + 1, :, seg.start : seg.end] = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)
-    return out.transpose(1, 2).contiguous(), None
+    R, H, N, D = query.shape
+    rows = []
+    for r, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
+        if r not in layout.rows:  # a row without segments: nothing attends there
+            rows.append(query.new_zeros(H, N, D))
+            continue
+        sizes, attn = layout.rows[r]
+        qs, ks, vs = q_row.split(sizes, dim=1), k_row.split(sizes, dim=1), v_row.split(sizes, dim=1)
+        outs = [None] * len(sizes)
+        for own, anc in attn:
+            k = torch.cat([ks[i] for i in anc] + [ks[own]], dim=1) if anc else ks[own]
+            v = torch.cat([vs[i] for i in anc] + [vs[own]], dim=1) if anc else vs[own]
+            n = sizes[own]
+            outs[own] = F.scaled_dot_product_attention(
+                qs[own][None], k[None], v[None], attn_mask=layout.mask(n, k.shape[1] - n, query.device),
+                dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)[0]
+        outs = [o if o is not None else query.new_zeros(H, sizes[i], D) for i, o in enumerate(outs)]
+        rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
 def register() -> None:
