@@ -50,7 +50,7 @@ def test_grid_and_side_axes():
     assert [(p["axis"], p["setting"]) for p in side] == [("beta", {"beta": 0.1}), ("beta", {"beta": 2.0}),
                                                          ("pretrain_context_frac", {"pretrain_context_frac": 0}),
                                                          ("pretrain_context_frac", {"pretrain_context_frac": 1})]
-    assert all(p["size"] == "m" and p["world"] == "cyclic:0.5" for p in side)
+    assert all(p["size"] == "l" and p["world"] == "cyclic:0" for p in side)  # the default reference point
     assert world_settings("cyclic:0.25") == {"family": "cyclic", "bt": 0.25}
 
 
@@ -58,6 +58,8 @@ def test_grid_and_side_axes():
     (dict(sizes=["huge"]), "size 'huge' unknown"),
     (dict(worlds=["salience:0.5"]), "only the cyclic family"),
     (dict(worlds=["cyclic:-1"]), "must be a number >= 0"),
+    (dict(reference_point="huge:cyclic:0"), "reference_point 'huge:cyclic:0'"),
+    (dict(reference_point="l:tournament"), "family must be cyclic"),
     (dict(strategies=["symmetric"]), "must include none"),
     (dict(seeds=[0]), "at least 2 seeds"),
     (dict(vary="nonsense=1"), "vary entry"),

@@ -35,14 +35,14 @@ WORLD_KEYS = {"pretrain_context_frac", "pretrain_steps", "strength", "ref_concen
 @dataclass
 class TransferConfig:
     sizes: list = opt(["xs", "s", "m", "l"], f"capacities of the world's LM: {', '.join(SIZES)}")
-    worlds: list = opt(["cyclic:0", "cyclic:0.5", "cyclic:1", "salience"],
+    worlds: list = opt(["cyclic:0", "cyclic:1", "bradley_terry", "salience"],
                        "worlds: cyclic:<bt> (tournament + bt x a separable score), bradley_terry, salience")
     strategies: list = opt(["none", "symmetric", "averaged"], "strategies (none is the DPO baseline of the gap)")
     w: float = opt(0.5, "weight of the symmetric term of `averaged`")
     seeds: list = opt([0, 1, 2], "training seeds (pairs re-sampled per seed)")
     vary: str = opt("", "side axes at the reference point, one key at a time: 'beta=0.1,2;max_steps=125,1000;"
-                        "pretrain_context_frac=0,1'")
-    reference_point: str = opt("m:cyclic:0.5", "size:world the side axes vary around")
+                        "pretrain_context_frac=0,1;w=0.25,0.75' (w: the weight of `averaged`)")
+    reference_point: str = opt("l:cyclic:0", "size:world the side axes vary around")
     beta: float = opt(0.5, "objective beta")
     max_steps: int = opt(375, "optimizer steps per run")
     n_pairs: int = opt(2000, "labelled pairs per seed")
@@ -73,6 +73,13 @@ class TransferConfig:
             self.side_axes()
         except ValueError as e:
             problems.append(str(e))
+        size, _, world = self.reference_point.partition(":")
+        try:
+            world_settings(world)
+            if size not in SIZES:
+                raise ValueError(f"its size {size!r} is not one of {', '.join(SIZES)}")
+        except ValueError as e:
+            problems.append(f"reference_point {self.reference_point!r} (size:world): {e}")
         if problems:
             raise ValueError("invalid TransferConfig:\n  - " + "\n  - ".join(problems))
 
