@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from workbench.transfer import TransferConfig, analyse_point, findings, points, world_settings
+from workbench.transfer import TransferConfig, analyse_point, findings, format_table, points, world_settings
 
 
 def _summary(tmp_path, values: dict) -> dict:
@@ -40,6 +40,11 @@ def test_gap_and_gain_are_paired_by_seed(tmp_path):
     assert any("symmetric: deployed V vs DPO below 0" in f for f in held)
     assert any("symmetric: reflective - deployed V above 0" in f for f in held)
     assert not any(f.startswith("p none: deployed") for f in held)
+    table = format_table({"points": [{"name": "p", "rows": list(rows.values())}]}).splitlines()
+    assert table[0].split()[:6] == ["point", "params", "pi_ref", "pi_bar", "V", "none"]
+    # the gap -0.050 with its half-width, starred (the interval excludes 0); DPO's own gain is not starred
+    assert f"-0.050 ± {half:.3f}*" in table[1] and "+0.003 ± " in table[1]
+    assert table[1].split()[:6] == ["p", "0k", "0.510", "0.710", "0.620", "0.570"]
 
 
 def test_grid_and_side_axes():

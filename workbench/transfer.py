@@ -156,6 +156,10 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict:
         doc["minutes"] = (time.time() - t0) / 60
         write_json(Path(cfg.output_dir) / "transfer.json", doc)  # after every point: an interrupted study shows
         log(format_point(doc["points"][-1]))                      # what it measured
+    log(f"\n{format_table(doc)}\n(mean ± 95% t half-width over seeds; * = the interval excludes 0; "
+        f"{doc['minutes']:.0f} min)")
+    held = findings(doc)
+    log("\n".join(["across seeds:"] + held) if held else "no gap or gain is separated from 0 across these seeds")
     return doc
 
 
@@ -216,6 +220,35 @@ def format_point(p: dict) -> str:
         lines.append(f"    {r['strategy']:<10} deployed {r['deployed'][0]:.3f}  reflective "
                      f"{r['reflective'][0] if r['reflective'] else float('nan'):.3f}  gap vs DPO {_ci(r['gap_vs_dpo'])}"
                      f"  reflection gain {_ci(r['reflection_gain'])}  toward pi_bar {r['toward_pi_bar']:+.2f}")
+    return "\n".join(lines)
+
+
+def _pm(t) -> str:
+    """mean ± half-width of a t-interval, starred when the interval excludes 0."""
+    if t is None:
+        return "-"
+    m, lo, hi = t
+    if lo != lo:
+        return f"{m:+.3f}"
+    return f"{m:+.3f} ± {(hi - lo) / 2:.3f}" + ("*" if lo > 0 or hi < 0 else " ")
+
+
+def format_table(doc: dict) -> str:
+    """One line per point: pi_ref and pi_bar, each strategy's deployed V, and per strategy beyond DPO
+    its gap to DPO and its reflection gain (mean ± 95% half-width; * = the interval excludes 0)."""
+    strategies = list(dict.fromkeys(r["strategy"] for p in doc["points"] for r in p["rows"]))
+    others = [s for s in strategies if s != "none"]
+    head = (f"{'point':<24}{'params':>7} {'pi_ref':>6} {'pi_bar':>6} " + " ".join(f"{'V ' + s[:4]:>7}" for s in strategies)
+            + "".join(f"  {'gap ' + s[:4]:<16}" for s in others) + "".join(f"  {'gain ' + s[:4]:<16}" for s in strategies))
+    lines = [head.rstrip()]
+    for p in doc["points"]:
+        rows = {r["strategy"]: r for r in p["rows"]}
+        r0 = p["rows"][0]
+        line = (f"{p['name']:<24}{r0['parameters'] / 1e3:>6.0f}k {r0['pi_ref']:>6.3f} {r0['pi_bar']:>6.3f} "
+                + " ".join(f"{rows[s]['deployed'][0]:>7.3f}" if s in rows else f"{'-':>7}" for s in strategies)
+                + "".join(f"  {_pm(rows[s]['gap_vs_dpo']) if s in rows else '-':<16}" for s in others)
+                + "".join(f"  {_pm(rows[s]['reflection_gain']) if s in rows else '-':<16}" for s in strategies))
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
