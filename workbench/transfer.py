@@ -150,9 +150,10 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict:
     doc = {"config": dataclasses.asdict(cfg), "points": [], "minutes": 0.0}
     for i, p in enumerate(todo, 1):
         log(f"[{i}/{len(todo)}] {p['name']}")
+        t_point = time.time()
         summary = run_point(cfg, p, log=lambda m: None)
         doc["points"].append({**p, "summary": str(Path(cfg.output_dir) / p["name"] / "summary.json"),
-                              "rows": analyse_point(summary)})
+                              "rows": analyse_point(summary), "minutes": (time.time() - t_point) / 60})
         doc["minutes"] = (time.time() - t0) / 60
         write_json(Path(cfg.output_dir) / "transfer.json", doc)  # after every point: an interrupted study shows
         log(format_point(doc["points"][-1]))                      # what it measured
