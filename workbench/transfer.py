@@ -239,13 +239,14 @@ def format_table(doc: dict) -> str:
     its gap to DPO and its reflection gain (mean ± 95% half-width; * = the interval excludes 0)."""
     strategies = list(dict.fromkeys(r["strategy"] for p in doc["points"] for r in p["rows"]))
     others = [s for s in strategies if s != "none"]
-    head = (f"{'point':<24}{'params':>7} {'pi_ref':>6} {'pi_bar':>6} " + " ".join(f"{'V ' + s[:4]:>7}" for s in strategies)
+    width = max([len(p["name"]) + 2 for p in doc["points"]] + [24])
+    head = (f"{'point':<{width}}{'params':>7} {'pi_ref':>6} {'pi_bar':>6} " + " ".join(f"{'V ' + s[:4]:>7}" for s in strategies)
             + "".join(f"  {'gap ' + s[:4]:<16}" for s in others) + "".join(f"  {'gain ' + s[:4]:<16}" for s in strategies))
     lines = [head.rstrip()]
     for p in doc["points"]:
         rows = {r["strategy"]: r for r in p["rows"]}
         r0 = p["rows"][0]
-        line = (f"{p['name']:<24}{r0['parameters'] / 1e3:>6.0f}k {r0['pi_ref']:>6.3f} {r0['pi_bar']:>6.3f} "
+        line = (f"{p['name']:<{width}}{r0['parameters'] / 1e3:>6.0f}k {r0['pi_ref']:>6.3f} {r0['pi_bar']:>6.3f} "
                 + " ".join(f"{rows[s]['deployed'][0]:>7.3f}" if s in rows else f"{'-':>7}" for s in strategies)
                 + "".join(f"  {_pm(rows[s]['gap_vs_dpo']) if s in rows else '-':<16}" for s in others)
                 + "".join(f"  {_pm(rows[s]['reflection_gain']) if s in rows else '-':<16}" for s in strategies))
