@@ -138,3 +138,21 @@ def test_rows_hold_several_trees_without_padding(tokenizer):
     for seg in one_row.segments:
         inside = [0, a] if seg.start < a else [a, one_row.tokens]
         assert all(inside[0] <= c < inside[1] for c in seg.path.tolist())
+
+
+def test_tree_layout_pieces_and_malformed_paths():
+    """The layout splits each row into segment pieces (and a padding piece) and names each segment's
+    ancestors as pieces; a path that is not whole segments of its row, or overlapping segments, is refused."""
+    from inspo_core.tree_attention import Segment, TreeLayout
+
+    cols = lambda *r: torch.tensor([c for a, b in r for c in range(a, b)], dtype=torch.long)  # noqa: E731
+    # row 0: prompt [0, 3), context [3, 5), target [5, 9) after the context, target [9, 11) after the prompt
+    segs = [Segment(0, 0, 3, cols()), Segment(0, 3, 5, cols((0, 3))), Segment(0, 5, 9, cols((0, 3), (3, 5))),
+            Segment(0, 9, 11, cols((0, 3)))]
+    sizes, attn = TreeLayout(segs, 12).rows[0]
+    assert sizes == [3, 2, 4, 2, 1]  # the last column is padding
+    assert attn == [(0, []), (1, [0]), (2, [0, 1]), (3, [0])]
+    with pytest.raises(ValueError, match="not made of whole segments"):
+        TreeLayout([Segment(0, 0, 3, cols()), Segment(0, 3, 5, cols((0, 2)))])
+    with pytest.raises(ValueError, match="overlap"):
+        TreeLayout([Segment(0, 0, 3, cols()), Segment(0, 2, 5, cols())])
