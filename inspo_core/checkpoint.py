@@ -2,21 +2,24 @@
 
 `checkpoints/step-N/` holds the model (`save_pretrained`, safetensors; LoRA runs hold the adapter),
 the tokenizer, `optimizer.pt`, `scheduler.pt`, `trainer_state.json` (step, RNG, the run's resolved
-config) and, written last, `manifest.json` (every file and its size). Sharded runs hold their engine's
+config) and, written last, `manifest.json` (every file, every rank's shards included, with its size
+and sha256). Sharded runs hold their engine's
 checkpoint instead of the model and optimizer files, each rank writing its own shards, nothing
 gathered: FSDP2 `dcp/` (torch distributed checkpoint; `torch.distributed.checkpoint.format_utils.
 dcp_to_torch_save` makes one file of it), ZeRO-3 `accelerate_state/` (DeepSpeed's; its
 `zero_to_fp32.py` consolidates it). A checkpoint is built in a
 hidden temporary directory and renamed into place, so an interrupted save leaves the previous
 checkpoint as the latest complete one; `verify_checkpoint` checks a checkpoint against its manifest
-so a damaged one (truncated weights, a missing optimizer state, an empty trainer state) is skipped
-with a reason instead of crashing a resume.
+so a damaged one (truncated weights, bytes changed at the same size, a missing optimizer state, an
+empty trainer state, a damaged DCP shard) is skipped with a reason instead of crashing a resume or
+being resumed from silently.
 
 `final/` and `best/` are written the same way (temporary directory, then rename); a failure raises.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -42,28 +45,62 @@ def is_sharded(accelerator) -> bool:
 
 # ---- verification ----------------------------------------------------------------------------------
 
-def _manifest(path: Path) -> dict[str, int]:
-    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != MANIFEST}
+MANIFEST_FORMAT = 2  # {"format": 2, "files": {name: {"bytes": n, "sha256": hex}}}; format 1 was {name: n}
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None when the checkpoint at `path` is intact, else why it is not."""
-    if (path / DIVERGED).is_file():
-        return f"the run diverged from it ({(path / DIVERGED).read_text().strip()})"
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(path: Path) -> dict[str, Path]:
+    return {str(p.relative_to(path)): p for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST, DIVERGED)}
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """Every file under `path` (every rank's shards included), its size and sha256."""
+    return {"format": MANIFEST_FORMAT,
+            "files": {k: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for k, p in _files(path).items()}}
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, dict], bool] | str:
+    """({name: {"bytes", ["sha256"]}}, whether it has content hashes), or why it cannot be read."""
     man = path / MANIFEST
     if not man.is_file():
         return "no manifest.json (the save did not finish)"
     try:
-        want = json.loads(man.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        doc = json.loads(man.read_text())
+        if isinstance(doc.get("files"), dict):
+            files = {k: dict(v) for k, v in doc["files"].items()}
+            assert all(isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) for v in files.values())
+            return files, True
+        assert all(isinstance(v, int) for v in doc.values())  # format 1: sizes only
+        return {k: {"bytes": v} for k, v in doc.items()}, False
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError, AssertionError):
         return "manifest.json is unreadable"
-    have = _manifest(path)
-    for name, size in want.items():
+
+
+def verify_checkpoint(path: Path, *, content: bool = True) -> str | None:
+    """None when the checkpoint at `path` is intact, else why it is not. Every file the manifest
+    names must be there with its size and (with `content`, when the manifest has hashes) its sha256:
+    weights zeroed or a DCP shard overwritten at the same size are caught here, before loading."""
+    if (path / DIVERGED).is_file():
+        return f"the run diverged from it ({(path / DIVERGED).read_text().strip()})"
+    got = _read_manifest(path)
+    if isinstance(got, str):
+        return got
+    want, _ = got
+    have = _files(path)
+    for name, entry in want.items():
         if name not in have:
             return f"{name} is missing"
-        if have[name] != size:
-            return f"{name} has {have[name]} bytes, {size} were written"
+        size = have[name].stat().st_size
+        if size != entry["bytes"]:
+            return f"{name} has {size} bytes, {entry['bytes']} were written"
     try:
         state = json.loads((path / STATE_FILE).read_text())
         int(state["step"])
@@ -74,19 +111,35 @@ def verify_checkpoint(path: Path) -> str | None:
     weights += [p.name for p in path.glob("model-*.safetensors")]
     if not weights:
         return "no model weights"
+    if content:
+        for name, entry in want.items():
+            if "sha256" in entry and file_sha256(have[name]) != entry["sha256"]:
+                return f"{name} does not hold what was written (sha256 differs from the manifest's; same size)"
     return None
 
 
 def intact_checkpoints(run: RunDir, say=print) -> list[tuple[int, Path]]:
-    """(step, path) of the intact checkpoints, oldest first; damaged ones are named with the reason."""
-    out = []
-    for step, path in run.checkpoints():
-        why = verify_checkpoint(path)
+    """(step, path) of the intact checkpoints, oldest first; damaged ones are named with the reason.
+
+    Every checkpoint is checked for its files and sizes; contents (sha256 against the manifest) are
+    read newest first until one passes - the one a resume takes - so older ones, which are only
+    used once every newer one failed, are not read in full. A manifest from before content hashes
+    (format 1, sizes only) is accepted, and said once."""
+    out, content, unhashed = [], True, []
+    for step, path in reversed(run.checkpoints()):
+        why = verify_checkpoint(path, content=content)
         if why is None:
             out.append((step, path))
+            content = False
+            got = _read_manifest(path)
+            if not got[1]:
+                unhashed.append(path.name)
         else:
             say(f"skipping damaged checkpoint {path}: {why}")
-    return out
+    if unhashed:
+        say(f"checkpoints {', '.join(reversed(unhashed))} have a manifest without content hashes (written before "
+            "they were recorded): checked by file size only")
+    return out[::-1]
 
 
 def latest_checkpoint(run_dir: str | Path, say=print) -> Path | None:
@@ -217,13 +270,17 @@ def save_checkpoint(accelerator, scorer, lm, tokenizer, optimizer, scheduler, ru
     elif accelerator.is_main_process:
         _write_model(lm, tokenizer, tmp, None, merge_lora=False)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    # every rank's shards are on disk before the main process lists and hashes them into the manifest
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from inspo_core.atomic import fsync_tree, replace
 
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         doc = dict(trainer_state, step=step, torch_rng=torch.get_rng_state().tolist())
         (tmp / STATE_FILE).write_text(json.dumps(doc))
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp)))  # last: its presence means complete
+        # last: its presence means complete. Hashed from the temporary directory before the rename (the
+        # files were just written, so this reads them from the page cache)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp)))
         fsync_tree(tmp)
         replace(tmp, final)
     accelerator.wait_for_everyone()

@@ -163,15 +163,24 @@ def _damage(ckpt: Path, how: str) -> None:
     if how == "truncated_weights":
         w = ckpt / "model.safetensors"
         w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    elif how == "zeroed_weights":  # 64 KiB of the tensor data zeroed, the size unchanged
+        w = ckpt / "model.safetensors"
+        data = bytearray(w.read_bytes())
+        start = 8 + int.from_bytes(data[:8], "little")
+        n = min(64 << 10, len(data) - start)
+        assert any(data[start : start + n])
+        data[start : start + n] = bytes(n)
+        w.write_bytes(bytes(data))
     elif how == "missing_optimizer":
         (ckpt / "optimizer.pt").unlink()
     elif how == "empty_trainer_state":
         (ckpt / "trainer_state.json").write_text("")
 
 
-@pytest.mark.parametrize("how", ["truncated_weights", "missing_optimizer", "empty_trainer_state"])
+@pytest.mark.parametrize("how", ["truncated_weights", "zeroed_weights", "missing_optimizer", "empty_trainer_state"])
 def test_resume_skips_a_damaged_checkpoint(tmp_path, cache_dir, capsys, how):
-    """A damaged last checkpoint stopped --resume with a traceback. Now the newest intact one is
+    """A damaged last checkpoint stopped --resume with a traceback; weights zeroed at the same size
+    were resumed from without a word (the manifest held sizes only). Now the newest intact one is
     used, the skipped one is named with the reason, and the result equals the uninterrupted run."""
     full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).train()
     Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).train()
@@ -181,10 +190,30 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, cache_dir, capsys, how):
     Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).train()
     out = capsys.readouterr().out
     assert "skipping damaged checkpoint" in out and "step-6" in out
+    if how == "zeroed_weights":
+        assert "model.safetensors does not hold what was written (sha256" in out
     assert "resumed from" in out and "step-4 at step 4" in out
     assert losses(run_b) == losses(full.run_dir)
     for k, v in weights(full.run_dir / "final").items():
         assert torch.equal(v, weights(run_b / "final")[k]), k
+
+
+def test_resume_accepts_a_manifest_without_hashes_and_says_so(tmp_path, cache_dir, capsys):
+    """Checkpoints written before content hashes were recorded (manifest {file: size}) still resume,
+    checked by size, and the log says once that their contents were not checked."""
+    full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).train()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).train()
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    shutil.rmtree(ckpts / "step-6")
+    for step in (2, 4):
+        man = ckpts / f"step-{step}" / "manifest.json"
+        man.write_text(json.dumps({k: v["bytes"] for k, v in json.loads(man.read_text())["files"].items()}))
+    capsys.readouterr()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).train()
+    out = capsys.readouterr().out
+    assert out.count("without content hashes") == 1 and "step-2, step-4" in out and "by file size only" in out
+    assert "skipping damaged" not in out and "step-4 at step 4" in out
+    assert losses(tmp_path / "b" / "run") == losses(full.run_dir)
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path, cache_dir):
