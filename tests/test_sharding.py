@@ -4,6 +4,7 @@ sharded (DCP) checkpoints, a consolidated final/, LoRA, and state that halves pe
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,24 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "examples" / "toy_preferences.jsonl")
 
 
-def train(out: Path, cache: Path, *args: str, procs: int = 1) -> subprocess.CompletedProcess:
+def train(out: Path, cache: Path, *args: str, procs: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    """One run; a run that outlives `timeout` (a hang in a collective) fails, and its whole process group (the
+    launcher and every worker) is killed, so no orphan keeps a core busy."""
     common = ["--model", "tiny", "--data", TOY, "--max_length", "96", "--val_size", "8", "--cache_dir", str(cache),
               "--tiny_hidden", "32", "--output_dir", str(out), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
                str(free_port()), "-m", "workbench", "train"] if procs > 1 else [sys.executable, "-m", "workbench", "train"])
-    res = subprocess.run(launch + common, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(launch + common, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the run did not finish in {timeout:.0f} s (a hang?); its last output:\n{stdout[-1500:]}\n"
+                    f"{stderr[-1500:]}")
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -168,3 +180,34 @@ def test_zero3_kill_9_then_resume_matches(runs, tmp_path):
     res = train(out, cache, *kw, "--resume", procs=2)
     assert "resumed from" in res.stdout
     assert rows(out, "loss") == rows(tmp_path / "ref", "loss")
+
+
+def test_fsdp2_resume_skips_a_shard_damaged_at_the_same_size(runs, tmp_path):
+    """A DCP shard overwritten at the same size stopped --resume with a PytorchStreamReader traceback.
+    The manifest (written by rank 0 after every rank's shards are on disk) names every rank's shard
+    with its sha256, so the damaged checkpoint is skipped with the reason and the resume from the one
+    before reproduces the uninterrupted run."""
+    root, cache, kw, _ = runs
+    run = tmp_path / "two"
+    shutil.copytree(root / "two", run)
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"step-{step}"
+        listed = json.loads((ckpt / "manifest.json").read_text())["files"]
+        on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"}
+        assert set(listed) == on_disk
+        assert len([k for k in listed if k.endswith(".distcp")]) == 2  # both ranks' shards
+    shard = sorted((run / "checkpoints" / "step-4" / "dcp").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    n = min(64 << 10, len(data) - mid)
+    data[mid : mid + n] = bytes(n)
+    shard.write_bytes(bytes(data))
+    shutil.rmtree(run / "final")
+    res = train(run, cache, *kw, "--batch_size", "2", "--sharding", "fsdp2", "--save_every", "2", "--resume", procs=2)
+    assert f"skipping damaged checkpoint {run / 'checkpoints' / 'step-4'}: dcp/{shard.name} does not hold" in res.stdout
+    assert "resumed from" in res.stdout and "step-2 at step 2" in res.stdout
+    assert rows(run, "loss") == rows(root / "two", "loss")
+    a, b = load_file(str(root / "two" / "final" / "model.safetensors")), load_file(str(run / "final" /
+                                                                                     "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
