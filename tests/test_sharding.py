@@ -1,6 +1,7 @@
 """FSDP2 across processes on CPU (gloo, torchrun): the same run as one process, exact resume from
 sharded (DCP) checkpoints, a consolidated final/, LoRA, and state that halves per rank."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -129,6 +130,84 @@ def test_lora_with_fsdp2(runs, tmp_path):
         assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
+# ---- every rank runs the same collectives; a dead launcher takes its workers -----------------------------
+
+@pytest.fixture(scope="module")
+def odd_val(tmp_path_factory):
+    """One process with 9 validation pairs: with 2 processes and batch 2, rank 0 scores 5 of them in 3 batches and
+    rank 1 scores 4 in 2, while under FSDP2 and ZeRO-3 every forward is a collective (the even remainder, 8 pairs,
+    is the runs above)."""
+    root = tmp_path_factory.mktemp("oddval")
+    cache = root / "cache"
+    kw = ["--max_steps", "2", "--val_size", "9"]
+    train(root / "one", cache, *kw, "--batch_size", "4")
+    return root, cache, kw
+
+
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_sharded_validation_with_uneven_shares(odd_val, sharding):
+    """The final evaluation used to hang: the rank with one pair more ran one forward more. Every rank now runs the
+    same number of forwards (a dummy that counts for nothing), and the loss is the single process's."""
+    if sharding == "zero3":
+        pytest.importorskip("deepspeed")
+    root, cache, kw = odd_val
+    res = train(root / sharding, cache, *kw, "--batch_size", "2", "--sharding", sharding, procs=2, timeout=300)
+    assert "9 validation pairs" in res.stdout
+    assert_close(torch.tensor(rows(root / sharding, "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5,
+                 rtol=0)
+    assert len(rows(root / sharding, "eval/loss")) == 1
+    assert_close(torch.tensor(rows(root / sharding, "eval/loss")), torch.tensor(rows(root / "one", "eval/loss")),
+                 atol=1e-5, rtol=0)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_launcher_takes_its_workers(tmp_path):
+    """SIGKILL to torchrun (it cannot forward anything) used to leave both workers training as orphans."""
+    import time
+
+    log = tmp_path / "log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "workbench", "train", "--model", "tiny", "--data", TOY, "--max_length", "96", "--val_size", "0",
+           "--cache_dir", str(tmp_path / "cache"), "--tiny_hidden", "32", "--output_dir", str(tmp_path / "run"),
+           "--max_steps", "100000", "--batch_size", "2"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while "process(es)" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # both workers are past start-up: the line follows barriers on every rank
+        assert proc.poll() is None, log.read_text()[-3000:]
+        workers = _children(proc.pid)
+        assert len(workers) == 2, (workers, log.read_text()[-2000:])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "workers outlived their launcher"
+    finally:
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 # ---- DeepSpeed ZeRO-3 ---------------------------------------------------------------------------------
 
 deepspeed = pytest.importorskip("deepspeed", reason="ZeRO-3 tests need `pip install deepspeed`")
@@ -180,6 +259,20 @@ def test_zero3_kill_9_then_resume_matches(runs, tmp_path):
     res = train(out, cache, *kw, "--resume", procs=2)
     assert "resumed from" in res.stdout
     assert rows(out, "loss") == rows(tmp_path / "ref", "loss")
+
+
+def test_zero3_one_process_without_a_launcher(odd_val, tmp_path):
+    """`--sharding zero3` in one plain process used to fail after the reference pass (DeepSpeed looked for MPI:
+    ModuleNotFoundError mpi4py); it now runs in a process group of one, like fsdp2, and trains like no sharding.
+    On CPU it says before DeepSpeed starts that its shared-memory comm op is not built (gloo carries ZeRO-3)."""
+    root, cache, kw = odd_val
+    res = train(tmp_path / "z1", cache, *kw, "--batch_size", "4", "--sharding", "zero3", timeout=300)
+    assert_close(torch.tensor(rows(tmp_path / "z1", "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5,
+                 rtol=0)
+    assert_close(torch.tensor(rows(tmp_path / "z1", "eval/loss")), torch.tensor(rows(root / "one", "eval/loss")),
+                 atol=1e-5, rtol=0)
+    assert "deepspeed_shm_comm" in res.stdout
+    assert "Building extension module" not in res.stdout + res.stderr
 
 
 def test_fsdp2_resume_skips_a_shard_damaged_at_the_same_size(runs, tmp_path):
