@@ -77,51 +77,120 @@ def sample_batch(model, tok, prompts_ids: list[list[int]], *, n: int, seed: int,
 
 
 class ModelCache:
-    """Keeps the last `size` (model, tokenizer, builder) triples loaded; thread-safe."""
+    """Keeps the last `size` (model, tokenizer, builder) triples loaded; thread-safe. An entry is keyed
+    by the directory and its model fingerprint (config and weight content), so a checkpoint retrained
+    in place is loaded again, never served with its old weights."""
 
     def __init__(self, size: int = 4, trust_remote_code: bool = False):
         self.size, self.trust = size, trust_remote_code
-        self._items: OrderedDict[str, tuple] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+        self._fingerprints: dict[str, tuple[tuple, str]] = {}  # path -> (files' stat signature, fingerprint)
         self._lock = threading.Lock()
 
     def get(self, path: str | Path):
+        return self.get_with_fingerprint(path)[0]
+
+    def fingerprint(self, path: str | Path) -> str:
+        """`model_fingerprint` of the directory, hashed again only when a file's stat signature (size,
+        mtime, ctime, inode) changed since the last call."""
+        from inspo_core.fingerprint import model_fingerprint
+
+        key = str(Path(path).resolve())
+        sig = _stat_signature(Path(key))
+        with self._lock:
+            known = self._fingerprints.get(key)
+        if known is not None and known[0] == sig:
+            return known[1]
+        fp = model_fingerprint(key)
+        with self._lock:
+            self._fingerprints[key] = (sig, fp)
+        return fp
+
+    def get_with_fingerprint(self, path: str | Path) -> tuple[tuple, str]:
+        """((model, tokenizer, builder), the fingerprint of the weights that were loaded)."""
         from inspo_core.models import load_model, load_tokenizer
 
         key = str(Path(path).resolve())
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
         if not (Path(key) / "config.json").is_file():
             raise ValueError(f"{path}: not a model directory (no config.json)")
-        tok = load_tokenizer(key, trust_remote_code=self.trust)
-        model = load_model(key, dtype=torch.float32, trust_remote_code=self.trust).eval()
-        builder = ConditioningBuilder(tok, rendering_of(key, model), [View("chosen")])
+        for _ in range(3):  # a checkpoint rewritten while it loads is loaded again
+            fp = self.fingerprint(key)
+            with self._lock:
+                if (key, fp) in self._items:
+                    self._items.move_to_end((key, fp))
+                    return self._items[key, fp], fp
+            tok = load_tokenizer(key, trust_remote_code=self.trust)
+            model = load_model(key, dtype=torch.float32, trust_remote_code=self.trust).eval()
+            builder = ConditioningBuilder(tok, rendering_of(key, model), [View("chosen")])
+            if self.fingerprint(key) == fp:
+                break
         with self._lock:
-            self._items[key] = (model, tok, builder)
+            for old in [k for k in self._items if k[0] == key]:  # the same directory's earlier weights
+                del self._items[old]
+            self._items[key, fp] = (model, tok, builder)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
-        return self._items[key]
+        return (model, tok, builder), fp
+
+
+def _stat_signature(d: Path) -> tuple:
+    from inspo_core.fingerprint import WEIGHT_PATTERNS
+
+    files = sorted({d / "config.json", *(f for pat in WEIGHT_PATTERNS for f in d.glob(pat))})
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(out)
+
+
+class _SampleWithGenerator:
+    """A logits processor that draws the next token itself, from the temperature/top-p warped
+    distribution, with its own `torch.Generator`, and leaves only that token: `generate` then runs
+    greedy and takes it. (generate's own sampling draws from the process-wide RNG, which every other
+    thread seeds and consumes too, so a seed would not reproduce an answer.)"""
+
+    def __init__(self, *, temperature: float, top_p: float, generator: torch.Generator):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+        self.generator = generator
+
+    def __call__(self, input_ids, scores):
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        picked = torch.multinomial(probs, 1, generator=self.generator)  # [B, 1]
+        return torch.full_like(scores, float("-inf")).scatter_(1, picked, 0.0)
 
 
 def stream_generate(model, tok, builder, prompt, *, temperature: float = 0.7, top_p: float = 0.95,
                     max_new_tokens: int = 128, seed: int = 0, stop: threading.Event | None = None) -> Iterator[str]:
-    """Yields the growing response text, generated from the prompt alone (deployment)."""
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    """Yields the growing response text, generated from the prompt alone (deployment). Sampling uses
+    a generator of its own seeded with `seed`: the same seed gives the same answer whatever other
+    threads do with the process-wide RNG."""
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
             return bool(stop is not None and stop.is_set())
 
-    ids = torch.tensor([prompt_ids(builder, prompt, max_new_tokens)])
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(builder, prompt, max_new_tokens)], device=dev)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        processors.append(_SampleWithGenerator(temperature=temperature, top_p=top_p, generator=gen))
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                  stopping_criteria=StoppingCriteriaList([_Stop()]),
-                  **sampling_kwargs(tok, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens))
+                  stopping_criteria=StoppingCriteriaList([_Stop()]), logits_processor=processors,
+                  **sampling_kwargs(tok, temperature=0.0, top_p=top_p, max_new_tokens=max_new_tokens))
     errors: list[BaseException] = []
 
     def run():
-        torch.manual_seed(seed)
         try:
             with torch.no_grad():
                 model.generate(**kwargs)
