@@ -79,16 +79,23 @@ class PackedBatch:
             out[v][i] = per_seq[k]
         return out
 
-    def dense_mask(self, dtype: torch.dtype = torch.float32) -> Tensor:
+    def dense_mask(self, dtype: torch.dtype = torch.float32, window: int | None = None) -> Tensor:
         """[R, 1, N, N]: 0 where a token may attend, -inf elsewhere (each segment to its root path and
         causally to itself). Padding after the last tree attends to itself only: a query with every key
-        masked gives NaN in some SDPA kernels (CUDA memory-efficient), which would poison gradients."""
+        masked gives NaN in some SDPA kernels (CUDA memory-efficient), which would poison gradients.
+
+        With a sliding `window` W (the mask of a sliding-window layer), a query also sees only keys
+        less than W *positions* back on its path (position ids, not columns: in a packed row the
+        columns of a path are not contiguous), as transformers' `sliding_window_overlay`."""
         R, N = self.input_ids.shape
         allowed = torch.zeros((R, N, N), dtype=torch.bool)
         for seg in self.segments:
             a, b = seg.start, seg.end
             allowed[seg.row, a:b, seg.path] = True
             allowed[seg.row, a:b, a:b] = torch.tril(torch.ones(b - a, b - a, dtype=torch.bool))
+        if window is not None:
+            pos = self.position_ids
+            allowed &= pos[:, None, :] > pos[:, :, None] - window  # [R, query, key]
         for r, used in enumerate(self.row_fill):
             pad = torch.arange(used, N)
             allowed[r, pad, pad] = True

@@ -7,8 +7,10 @@ the batch once and time only the forward). The packing decides the layout:
 - `padded`: one row per (view, pair), right-padded; the attention mask comes from lengths;
 - `tree`: every view of a pair in one prefix tree (`inspo_core.packing`), several trees per row.
 
-Both give the same numbers (tests, to 1e-5). Log-probs are always *sums* over the target tokens;
-length normalisation is the objective's business (`preference_loss(length_normalize=...)`).
+Both give the same numbers (tests, to 1e-5), also for sliding-window attention (Mistral, Qwen2,
+Gemma-3's local layers: `layer_windows`), whose window the tree honours over each path's positions.
+Log-probs are always *sums* over the target tokens; length normalisation is the objective's business
+(`preference_loss(length_normalize=...)`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,80 @@ def _language_model(scorer):
     return scorer.lm
 
 
+def _text_config(model_or_config):
+    """The text (decoder) config of a model, a peft model around one, or a config."""
+    cfg = model_or_config
+    if hasattr(cfg, "get_base_model"):  # peft
+        cfg = cfg.get_base_model()
+    if isinstance(cfg, torch.nn.Module):
+        cfg = cfg.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+TREE_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per decoder layer of `config` (a model or its config), its attention window W (a query sees
+    keys less than W positions back) or None for full causal attention: Mistral's `sliding_window`
+    on every layer; Qwen2's (when `use_sliding_window`) and Gemma-3's on the layers whose
+    `layer_types` entry is "sliding_attention" (transformers 5 derives it from `max_window_layers`
+    and `sliding_window_pattern`)."""
+    cfg = _text_config(config)
+    w = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        w = None
+    n = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [w if t == "sliding_attention" else None for t in types]
+    if w is not None and getattr(cfg, "max_window_layers", None) is not None:  # Qwen2 before layer_types
+        return [w if i >= cfg.max_window_layers else None for i in range(n)]
+    return [w] * n
+
+
+def tree_supported(config) -> str | None:
+    """Why tree packing cannot score this model exactly, or None when it can. Full and sliding-window
+    attention are honoured (per segment and with dense masks); other layer kinds (chunked attention,
+    linear attention, recurrent/state-space layers, ...) would see the packed row as one sequence or
+    ignore their own restriction, so they are refused: use packing="padded"."""
+    cfg = _text_config(config)
+    other = sorted(set(getattr(cfg, "layer_types", None) or ()) - set(TREE_LAYER_TYPES))
+    if other:
+        return (f"{type(cfg).__name__} has layers of type {', '.join(other)}; tree packing honours "
+                f"{' and '.join(TREE_LAYER_TYPES)} only")
+    return None
+
+
+def _effective_windows(windows: list[int | None], longest: int) -> list[int | None]:
+    """A window no shorter than the longest path changes nothing: None."""
+    return [w if w is not None and w < longest else None for w in windows]
+
+
+def _dense_masks(batch: PackedBatch, cfg, dtype, device, windows: list[int | None]):
+    """The 4-D mask, or {layer type: mask} for a model whose layers differ in window (Qwen2 and
+    Gemma-3 take such a dict as `attention_mask`, one entry per `layer_types` value)."""
+    if len(set(windows)) == 1:
+        return batch.dense_mask(dtype, windows[0]).to(device)
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        raise ValueError(f"{type(cfg).__name__}: layers differ in attention window but the config has no "
+                         "layer_types to key their masks by; use packing='padded' or tree attention (SDPA)")
+    by_type = dict(zip(types, windows))
+    return {t: batch.dense_mask(dtype, w).to(device) for t, w in by_type.items()}
+
+
+def check_windows_honoured(layout: TreeLayout, windows: list[int | None], model_name: str) -> None:
+    """After a tree-attention forward: every window that matters must have reached the attention
+    function as its `sliding_window` (an architecture that applies its window some other way would
+    otherwise be scored without it, silently)."""
+    missing = {w for w in windows if w is not None} - layout.windows_seen
+    if missing:
+        raise RuntimeError(f"{model_name} has sliding-window layers (window {sorted(missing)}) but its attention "
+                           "did not pass `sliding_window` to tree attention, so the window would be ignored; "
+                           "use packing='padded'")
+
+
 def check_packing(packing: str) -> None:
     if packing not in PACKINGS:
         raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(PACKINGS)}")
@@ -84,13 +160,23 @@ def score_batch(scorer, prepared: PreparedBatch, *, device=None, mask_dtype: tor
         device = next(model.parameters()).device
     b = prepared.batch
     if isinstance(b, PackedBatch):
-        if uses_tree_attention(_language_model(model)):  # attention per segment: no [N, N] mask at all
+        lm = _language_model(model)
+        cfg = _text_config(lm)
+        reason = tree_supported(cfg)
+        if reason:
+            raise ValueError(f"packing='tree' cannot score this model: {reason}; use packing='padded'")
+        windows = _effective_windows(layer_windows(cfg), int(b.position_ids.max()) + 1)
+        layout = None
+        if uses_tree_attention(lm):  # attention per segment: no [N, N] mask at all
+            layout = TreeLayout(b.segments, b.input_ids.shape[1])
             mask, extra = torch.zeros(b.input_ids.shape[0], 1, 1, 1, device=device, dtype=mask_dtype), {
-                "tree_segments": TreeLayout(b.segments, b.input_ids.shape[1])}
+                "tree_segments": layout}
         else:
-            mask, extra = b.dense_mask(mask_dtype).to(device), {}
+            mask, extra = _dense_masks(b, cfg, mask_dtype, device, windows), {}
         per_token = model(b.input_ids.to(device), mask, b.pred_rows.to(device), b.pred_cols.to(device),
                           position_ids=b.position_ids.to(device), targets=b.pred_targets.to(device), **extra)
+        if layout is not None:
+            check_windows_honoured(layout, windows, type(cfg).__name__)
         per_seq = torch.zeros(len(b.seqs), dtype=per_token.dtype, device=device).index_add(
             0, b.pred_seq.to(device), per_token)
         logps = b.split(per_seq, prepared.views, prepared.num_pairs)

@@ -8,6 +8,14 @@ SDPA on the keys and values of the segment's root path; without it (padded batch
 generation) it is exactly transformers' SDPA attention with the usual mask. Rotary position
 embeddings were applied before this function, from the tree's explicit position ids, so each path
 sees the positions its padded sequence would have.
+
+Sliding-window layers (Mistral, Qwen2's upper layers, Gemma-3's local layers) pass their window as
+the `sliding_window` keyword, as they do to every transformers attention function; the window is
+over positions on the segment's root path (a query at path position p sees keys at p - W < q <= p,
+as transformers' `sliding_window_overlay`), not over packed columns. A root path's positions are
+consecutive from 0 (`inspo_core.packing`), so the path index is the position. The windows seen in a
+forward are recorded on the layout, so the caller can check that every window in the model's config
+was honoured (`inspo_core.scoring.check_windows_honoured`).
 """
 
 from __future__ import annotations
@@ -70,13 +78,26 @@ class TreeLayout:
                 attn.append((piece_at[seg.start], anc))
             self.rows[r] = (sizes, attn)
         self._masks: dict[tuple, torch.Tensor] = {}
+        self.windows_seen: set[int | None] = set()  # the `sliding_window` of every layer that ran on this layout
 
-    def mask(self, n: int, a: int, device) -> torch.Tensor:
-        """[n, a + n] bool: the a ancestor columns in full, the segment's own n causally."""
-        key = (n, a, str(device))
+    @staticmethod
+    def first_key(a: int, window: int | None) -> int:
+        """The first of the a + n path keys any query of the segment can see: with a window W, the
+        segment's first query (path position a) sees positions > a - W only."""
+        return 0 if window is None else max(0, a - window + 1)
+
+    def mask(self, n: int, a: int, device, window: int | None = None) -> torch.Tensor:
+        """[n, a + n - first_key(a, window)] bool: the a ancestor columns in full, the segment's own n
+        causally; with a window W, only keys less than W positions back (query at path position a + i,
+        key at j: a + i - W < j <= a + i), from `first_key` on."""
+        key = (n, a, window, str(device))
         if key not in self._masks:
             m = torch.ones(n, a + n, dtype=torch.bool, device=device)
             m[:, a:] = torch.tril(m[:, a:])
+            if window is not None:
+                q = torch.arange(a, a + n, device=device)[:, None]
+                m &= torch.arange(a + n, device=device)[None, :] > q - window
+                m = m[:, self.first_key(a, window):]
             self._masks[key] = m
         return self._masks[key]
 
@@ -96,6 +117,8 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layout = tree_segments if isinstance(tree_segments, TreeLayout) else TreeLayout(tree_segments, query.shape[2])
+    window = kwargs.get("sliding_window")
+    layout.windows_seen.add(window)
     groups = getattr(module, "num_key_value_groups", 1)
     R, H, N, D = query.shape
     rows = []
@@ -110,8 +133,10 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
             k = torch.cat([ks[i] for i in anc] + [ks[own]], dim=1) if anc else ks[own]
             v = torch.cat([vs[i] for i in anc] + [vs[own]], dim=1) if anc else vs[own]
             n = sizes[own]
+            a = k.shape[1] - n
+            lo = layout.first_key(a, window)  # keys before it are outside every query's window
             outs[own] = F.scaled_dot_product_attention(
-                qs[own][None], k[None], v[None], attn_mask=layout.mask(n, k.shape[1] - n, query.device),
+                qs[own][None], k[None, :, lo:], v[None, :, lo:], attn_mask=layout.mask(n, a, query.device, window),
                 dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)[0]
         outs = [o if o is not None else query.new_zeros(H, sizes[i], D) for i, o in enumerate(outs)]
         rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])

@@ -156,3 +156,137 @@ def test_tree_layout_pieces_and_malformed_paths():
         TreeLayout([Segment(0, 0, 3, cols()), Segment(0, 3, 5, cols((0, 2)))])
     with pytest.raises(ValueError, match="overlap"):
         TreeLayout([Segment(0, 0, 3, cols()), Segment(0, 2, 5, cols())])
+
+
+# --- sliding-window attention (issue 23, item 16) -------------------------------------------------
+
+WINDOW = 16
+
+
+def windowed_model(arch: str, vocab_size: int, window: int = WINDOW):
+    """A tiny model with sliding-window layers, built from its config (no download), fp32, SDPA:
+    Mistral (every layer windowed), Qwen2 (layers from max_window_layers on) and Gemma-3 (local and
+    global layers)."""
+    import transformers as T
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+    if arch == "mistral":
+        model_cls, cfg = T.MistralForCausalLM, T.MistralConfig(**common, sliding_window=window)
+    elif arch == "qwen2":
+        model_cls, cfg = T.Qwen2ForCausalLM, T.Qwen2Config(**common, use_sliding_window=True, sliding_window=window,
+                                                           max_window_layers=1)
+    elif arch == "gemma3":
+        model_cls, cfg = T.Gemma3ForCausalLM, T.Gemma3TextConfig(**common, head_dim=8, sliding_window=window,
+                                                                 layer_types=["sliding_attention", "full_attention"])
+    else:
+        raise ValueError(arch)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return model_cls(cfg).eval()
+
+
+LONG_PAIR = {"prompt": "answer the question about apples, oranges and pears " * 2,
+             "chosen": "An apple, crisp and sweet, and a pear.",
+             "rejected": "The sea is a large body of salt water that covers most of the planet."}
+
+
+def plain_logp(model, prompt_ids, target_ids, n_scored):
+    """Summed log-probs of the first n_scored target tokens from one ordinary forward of the sequence."""
+    ids = torch.tensor([prompt_ids + target_ids])
+    logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    P = len(prompt_ids)
+    return sum(logp[P - 1 + t, target_ids[t]] for t in range(n_scored))
+
+
+@pytest.mark.parametrize("attention", ["segments", "dense"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3"])
+def test_tree_honours_sliding_windows(tokenizer, arch, attention):
+    """Paths 3-4x longer than the window: the tree's log-probs (what the trainer uses) are the padded
+    path's and a plain per-sequence forward's. Before the fix the tree ignored the window (Mistral:
+    up to 0.13 nats per sequence at this size, Gemma-3: 0.64)."""
+    from inspo_core.scoring import layer_windows
+    from inspo_core.tree_attention import use_tree_attention
+
+    model = windowed_model(arch, len(tokenizer))
+    assert WINDOW in layer_windows(model)
+    if attention == "segments":
+        assert use_tree_attention(model)
+    b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=256, alpha_draft=0.5), ALL)
+    pairs, _ = b.build_all([LONG_PAIR] + PLAIN_EXAMPLES)
+    assert int(pack_pairs(pairs, ALL).position_ids.max()) + 1 > 3 * WINDOW
+    with torch.no_grad():
+        padded, packed = both_paths(model, pairs, ALL, tokenizer.pad_token_id)
+        for v in ALL:
+            assert_close(packed[v], padded[v], atol=1e-5, rtol=1e-6, msg=str(v))
+        p = pairs[0]
+        ref = plain_logp(model, p.prompt_ids, p.targets["chosen"], p.loss_lengths["chosen"])
+    assert_close(packed[W_PLAIN][0], ref, atol=1e-5, rtol=1e-6)
+
+
+def test_tree_gradients_match_under_a_window(tokenizer):
+    """The window's key slice per segment keeps the gradients of the padded path (Gemma-3)."""
+    from inspo_core.tree_attention import use_tree_attention
+
+    views = [W_GIVEN_L, L_GIVEN_W, W_PLAIN]
+    b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=256), views)
+    pairs, _ = b.build_all([LONG_PAIR, PLAIN_EXAMPLES[1]])
+    grads = []
+    for packed in (False, True):
+        model = windowed_model("gemma3", len(tokenizer))
+        use_tree_attention(model)
+        out = score_views(model, pairs, views, packing="tree" if packed else "padded").logps
+        (out[W_GIVEN_L] - 0.5 * out[L_GIVEN_W] + out[W_PLAIN]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_models_without_a_window_keep_tree_attention(tokenizer, tiny_model, monkeypatch):
+    """A Llama (no window) and a Mistral whose window is longer than every path still run tree
+    attention per segment, with no refusal."""
+    import copy
+
+    import inspo_core.scoring as scoring
+    from inspo_core.tree_attention import TreeLayout, use_tree_attention
+
+    layouts = []
+
+    class Recorder(TreeLayout):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            layouts.append(self)
+
+    monkeypatch.setattr(scoring, "TreeLayout", Recorder)
+    b = ConditioningBuilder(tokenizer, BuilderConfig("sep", max_length=256), ALL)
+    pairs, _ = b.build_all(PLAIN_EXAMPLES)
+    for model in (copy.deepcopy(tiny_model), windowed_model("mistral", len(tokenizer), window=4096)):
+        assert scoring.tree_supported(model) is None
+        assert use_tree_attention(model)
+        layouts.clear()
+        with torch.no_grad():
+            padded, packed = both_paths(model, pairs, ALL, tokenizer.pad_token_id)
+        assert len(layouts) == 1 and layouts[0].windows_seen  # the forward went through tree attention
+        for v in ALL:
+            assert_close(packed[v], padded[v], atol=1e-5, rtol=1e-6, msg=str(v))
+    assert scoring.layer_windows(tiny_model) == [None, None]
+
+
+def test_tree_refuses_what_it_cannot_honour():
+    """Layer kinds other than full and sliding attention are refused by name; a window that never
+    reached tree attention (an architecture applying it some other way) is an error, not a silent
+    full-attention score."""
+    from types import SimpleNamespace
+
+    from inspo_core.scoring import check_windows_honoured, tree_supported
+    from inspo_core.tree_attention import Segment, TreeLayout
+
+    cfg = SimpleNamespace(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
+    assert "linear_attention" in tree_supported(cfg)
+    layout = TreeLayout([Segment(0, 0, 3, torch.zeros(0, dtype=torch.long))], 3)
+    layout.windows_seen.add(None)
+    with pytest.raises(RuntimeError, match="sliding_window"):
+        check_windows_honoured(layout, [None, 16], "SomeConfig")
+    check_windows_honoured(layout, [None, None], "SomeConfig")
