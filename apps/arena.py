@@ -7,6 +7,7 @@ All model, judging and statistics logic comes from `inspo_core`; this module onl
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
 import random
 import tempfile
@@ -75,6 +76,9 @@ class Workbench:
     def resolve(self, name: str) -> Path:
         if not name or not str(name).strip():
             raise gr.Error("Pick a checkpoint for both sides.")
+        if "\x00" in str(name):
+            raise gr.Error(f"{name!r} contains a NUL byte, which no path can hold: pick a checkpoint from the list "
+                           "or type its path again.")
         if name in CATALOG:  # a named model: materialised by the workbench itself, in its cache
             try:
                 return Path(resolve_model(name, self.cfg.cache_dir, log=lambda m: None))
@@ -134,11 +138,11 @@ class Workbench:
         if not prompt or not prompt.strip():
             raise gr.Error("Write a prompt first.")
         pa, pb = self.resolve(a), self.resolve(b)
-        try:
-            ma, mb = self.models.get(pa), self.models.get(pb)
+        try:  # the fingerprint of the weights that answer goes into the vote with the name
+            (ma, fa), (mb, fb) = self.models.get_with_fingerprint(pa), self.models.get_with_fingerprint(pb)
         except (OSError, ValueError) as e:
             raise gr.Error(f"Could not load the checkpoint: {e}") from None
-        sides = [(a, ma), (b, mb)]
+        sides = [(a, ma, fa), (b, mb, fb)]
         if anonymous:
             random.shuffle(sides)
         stop = self.stops.setdefault(request.session_hash if request else "-", threading.Event())
@@ -147,11 +151,12 @@ class Workbench:
         kw = dict(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
                   seed=int(seed), stop=stop)
         try:
-            streams = {slot: stream_generate(*m, prompt.strip(), **kw) for slot, (_, m) in zip(("A", "B"), sides)}
+            streams = {slot: stream_generate(*m, prompt.strip(), **kw) for slot, (_, m, _) in zip(("A", "B"), sides)}
         except ValueError as e:  # e.g. a prompt longer than the model's context
             raise gr.Error(str(e)) from None
         live = dict(streams)
-        state = {"names": {"A": sides[0][0], "B": sides[1][0]}, "anonymous": bool(anonymous), "prompt": prompt.strip(),
+        state = {"names": {"A": sides[0][0], "B": sides[1][0]}, "fingerprints": {"A": sides[0][2], "B": sides[1][2]},
+                 "anonymous": bool(anonymous), "prompt": prompt.strip(),
                  "answers": texts, "verdict": "", "voted": False}
         while live:  # advance both streams in turn so the answers grow side by side
             for slot in list(live):
@@ -194,8 +199,9 @@ class Workbench:
             raise gr.Error("Compare first, then vote.")
         if state["voted"]:
             raise gr.Error("This comparison already has a vote; compare again to vote again.")
-        names = state["names"]
+        names, fps = state["names"], state["fingerprints"]
         row = {"time": time.time(), "vote": choice, "prompt": state["prompt"], "a": names["A"], "b": names["B"],
+               "a_fingerprint": fps["A"], "b_fingerprint": fps["B"],
                "answer_a": state["answers"]["A"], "answer_b": state["answers"]["B"], "anonymous": state["anonymous"],
                "verdict": state["verdict"]}
         with self.vote_lock:
@@ -265,6 +271,8 @@ class Workbench:
         return fig, config, json.dumps(last[0] if last else {}, indent=1)
 
     def resolve_run(self, name: str) -> Path:
+        if "\x00" in str(name):
+            raise gr.Error(f"{name!r} contains a NUL byte, which no path can hold.")
         p = (self.root / name).resolve()
         if not p.is_relative_to(self.root) or not (p / "metrics.jsonl").is_file():
             raise gr.Error(f"{name} is not a run under {self.root}")
@@ -362,8 +370,22 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     return app
 
 
+def host_warning(host: str) -> str | None:
+    """The warning for binding to `host`, None for a loopback address (127.0.0.0/8, ::1, localhost),
+    which only this machine can reach."""
+    h = host.strip().strip("[]").rstrip(".").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return None
+    try:
+        if ipaddress.ip_address(h).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to any interface
+        pass
+    return f"[inspo] warning: binding to {host}; anyone who can reach it can use the app"
+
+
 def launch(cfg: AppConfig) -> None:
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"[inspo] warning: binding to {cfg.host}; anyone who can reach it can use the app", flush=True)
+    if (warning := host_warning(cfg.host)) is not None:
+        print(warning, flush=True)
     app = build_app(cfg)
     app.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True)
