@@ -4,7 +4,8 @@
                 metrics.jsonl      one JSON object per optimizer step and per evaluation
                 checkpoints/step-N HF-loadable weights + trainer state for exact resume
                 final/, best/      HF-loadable models, written atomically
-                eval.json          what was judged and the results
+                eval.json          what was judged and the results (the demo's record of its run)
+                win_rates.json     `workbench eval`'s win rates (its own file: eval.json belongs to the demo)
                 report.html
 
 Everything that reads or writes these paths goes through `RunDir`, so their names and rules live
@@ -28,7 +29,8 @@ import inspo_core
 from inspo_core.atomic import atomic_write_text
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "best", "eval.json", "report.html")
+ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "best", "eval.json", "report.html",
+             "win_rates.json")
 # keys that may differ between a run and its resume: they change where and how often things are
 # written, not the trajectory of the weights
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "output_dir", "cache_dir", "save_every", "save_total_limit",
@@ -66,6 +68,11 @@ class RunDir:
     @property
     def eval_json(self) -> Path:
         return self.path / "eval.json"
+
+    @property
+    def win_rates_json(self) -> Path:
+        """Where `workbench eval` writes by default (eval.json is another command's record)."""
+        return self.path / "win_rates.json"
 
     @property
     def report(self) -> Path:

@@ -1,4 +1,4 @@
-"""`python -m workbench eval`: sample from checkpoints and a baseline, judge, write eval.json."""
+"""`python -m workbench eval`: sample from checkpoints and a baseline, judge, write win_rates.json."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ class EvalConfig:
     max_new_tokens: int = opt(64, "generation length cap")
     seed: int = opt(0, "sampling seed (the same for every model)")
     n_boot: int = opt(1000, "bootstrap resamples for the confidence intervals")
-    output: str | None = opt(None, "eval.json path (default: eval.json in the first checkpoint's run directory)")
+    output: str | None = opt(None, "output JSON path (default: win_rates.json in the first checkpoint's run "
+                                   "directory; its judgements go next to it in <stem>.judgements.jsonl)")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
     cache_dir: str = opt(".cache/inspo", "where named models (smollm2) are materialised")
 
@@ -54,9 +55,23 @@ def load_prompts(spec: str, world) -> list:
     return [line for line in p.read_text().splitlines() if line.strip()]
 
 
+def check_output(path: Path) -> None:
+    """Refuse to write over a file that is not an earlier eval's output (e.g. a demo's eval.json)."""
+    if not path.exists():
+        return
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if not (isinstance(doc, dict) and "results" in doc and "judge_identity" in doc):
+        raise ValueError(f"--output {path} exists and is not an eval's output (another command's record?); "
+                         "choose another --output")
+
+
 def run_eval(cfg: EvalConfig, log=print) -> dict:
     """Sample every checkpoint and the baseline on the same prompts and seeds, judge each answer
-    against the baseline's, write eval.json. Judgements are keyed by what was judged (both models'
+    against the baseline's, write the win rates (by default the run's win_rates.json, never the
+    demo's eval.json). Judgements are keyed by what was judged (both models'
     identities, prompt, answers, sampling, judge), so a rerun reuses exactly its own finished work."""
     from inspo_core.worlds import world_of
 
@@ -82,7 +97,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
                        trust_remote_code=cfg.trust_remote_code)
     judge.check()  # an unreachable judge stops here, before any sampling
     run = RunDir.of_model(ckpts[0])
-    out_path = Path(cfg.output) if cfg.output else (run.eval_json if run else ckpts[0].parent / "eval.json")
+    out_path = Path(cfg.output) if cfg.output else (run or RunDir(ckpts[0].parent)).win_rates_json
+    check_output(out_path)
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     gen = dict(n=cfg.n_samples, trust_remote_code=cfg.trust_remote_code, **sampling)
     base_id = describe_checkpoint(baseline)
@@ -90,6 +106,9 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     log(f"sampling {cfg.n_samples} x {len(prompts)} responses from the baseline {baseline}")
     base = generate_responses(baseline, prompts, **gen)
     jlog = JudgementLog(out_path.with_name(out_path.stem + ".judgements.jsonl"))
+    if jlog.skipped:
+        log(f"{jlog.path}: {jlog.skipped} line(s) are not judgements (cut by a crash or of another shape); "
+            "skipped, their items are judged again")
     results = {}
     for ck in ckpts:
         ck_id = describe_checkpoint(ck)
