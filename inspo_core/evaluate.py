@@ -96,24 +96,47 @@ def judgement_key(**what) -> str:
 
 class JudgementLog:
     """Judgements appended to a JSONL file as they finish, keyed by `judgement_key`: a rerun reuses
-    exactly the judgements of the same comparison and nothing else."""
+    exactly the judgements of the same comparison and nothing else. A line that is not a judgement
+    (cut by a crash, or valid JSON of another shape) is skipped and counted in `skipped`; its item is
+    judged again."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.done: dict[str, Judgement] = {}
+        self.skipped = 0
         if self.path.exists():
             for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash: judged again
+                if not line.strip():
                     continue
-                self.done[row["key"]] = Judgement(**row)
+                j = _judgement_of(line)
+                if j is None:
+                    self.skipped += 1
+                else:
+                    self.done[j.key] = j
 
     def add(self, j: Judgement) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(j.__dict__) + "\n")
         self.done[j.key] = j
+
+
+_JUDGEMENT_FIELDS = {"key": str, "prompt": str, "a": str, "b": str, "prob": (int, float), "explanation": str}
+
+
+def _judgement_of(line: str) -> Judgement | None:
+    """The judgement a log line holds; None for a cut line or JSON of any other shape."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or not set(_JUDGEMENT_FIELDS) - {"explanation"} <= set(row) <= set(_JUDGEMENT_FIELDS):
+        return None
+    if any(not isinstance(row[k], t) or isinstance(row[k], bool) for k, t in _JUDGEMENT_FIELDS.items() if k in row):
+        return None
+    if not 0.0 <= row["prob"] <= 1.0:  # also refuses NaN
+        return None
+    return Judgement(**row)
 
 
 def judge_all(judge, items: list[tuple[str, str, str, str]], log: JudgementLog, progress=None) -> tuple[list[Judgement], int]:

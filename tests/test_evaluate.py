@@ -64,3 +64,76 @@ def test_judgements_are_kept_when_the_judge_fails_and_a_rerun_resumes(tmp_path):
     with open(tmp_path / "j.jsonl", "a") as f:
         f.write('{"key": "10", "prom')
     assert len(JudgementLog(tmp_path / "j.jsonl").done) == 10
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"x": 1}', '"text"', '3', 'null',
+                                  '{"key": "k", "prompt": "p", "a": "x", "b": "y"}',
+                                  '{"key": "k", "prompt": "p", "a": "x", "b": "y", "prob": "high"}',
+                                  '{"key": ["k"], "prompt": "p", "a": "x", "b": "y", "prob": 0.5}',
+                                  '{"key": "k", "prompt": "p", "a": "x", "b": "y", "prob": 0.5, "extra": 1}'])
+def test_a_line_that_is_not_a_judgement_is_skipped_and_counted(tmp_path, line):
+    """Valid JSON that is not a judgement crashed the log's reading (TypeError / KeyError); it is
+    skipped, counted like a line cut by a crash, and that item is judged again."""
+    items = [(str(i), "p", "x" * (i + 1), "xx") for i in range(3)]
+    path = tmp_path / "j.jsonl"
+    judge_all(FlakyJudge(), items[:2], JudgementLog(path))
+    with open(path, "a") as f:
+        f.write(line + "\n" + '{"key": "2", "prom\n')
+    log = JudgementLog(path)
+    assert sorted(log.done) == ["0", "1"] and log.skipped == 2
+    judge = FlakyJudge()
+    out, calls = judge_all(judge, items, log)
+    assert calls == judge.calls == 1 and [j.key for j in out] == ["0", "1", "2"]
+
+
+class _LengthJudge:
+    name = "length"
+
+    def check(self):
+        pass
+
+    def identity(self):
+        return {"judge": "length"}
+
+    def compare(self, prompt, a, b):
+        return (1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5), "longer wins"
+
+
+def test_eval_leaves_a_demo_runs_eval_json_untouched(tmp_path, tokenizer, monkeypatch):
+    """`eval --checkpoints <a demo run>` wrote its win rates over the run's eval.json, which the demo
+    owns (its fingerprint, settings and measured V). Eval's default output is a file of its own."""
+    import json
+
+    import yaml
+
+    import workbench.evaluation as ev
+    from inspo_core.models import tiny_llama
+    from inspo_core.rundir import RunDir
+
+    run = tmp_path / "runs" / "dpo-none-s0"
+    for d, seed in ((run / "final", 0), (tmp_path / "base", 1)):
+        tiny_llama(len(tokenizer), seed=seed).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+    (run / "config.yaml").write_text(yaml.safe_dump({"objective": "dpo", "strategy": "none",
+                                                     "resolved_model": str(tmp_path / "base")}))
+    demo_doc = json.dumps({"fingerprint": "f" * 32, "sampling": {"temperature": 0.7}, "deployed": {"V_identity": 0.6}})
+    (run / "eval.json").write_text(demo_doc)
+    (tmp_path / "prompts.txt").write_text("the cat sat\nthe sea is\n")
+    monkeypatch.setattr(ev, "make_judge", lambda *a, **k: _LengthJudge())
+    doc = ev.run_eval(ev.EvalConfig(checkpoints=[str(run)], prompts=str(tmp_path / "prompts.txt"), judge="oracle",
+                                    n_samples=2, max_new_tokens=4, n_boot=20), log=lambda m: None)
+    assert (run / "eval.json").read_text() == demo_doc
+    out = RunDir(run).win_rates_json
+    assert out.parent == run and out.name != "eval.json"
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    assert doc["results"][str(run / "final")]["n"] == 4
+    assert out.with_name(out.stem + ".judgements.jsonl").is_file()
+    # an explicit --output naming another command's file is refused before any sampling
+    with pytest.raises(ValueError, match="not an eval's output"):
+        ev.run_eval(ev.EvalConfig(checkpoints=[str(run)], prompts=str(tmp_path / "prompts.txt"),
+                                  output=str(run / "eval.json")), log=lambda m: None)
+    assert (run / "eval.json").read_text() == demo_doc
+    # a rerun onto eval's own output is fine, and reuses every judgement
+    again = ev.run_eval(ev.EvalConfig(checkpoints=[str(run)], prompts=str(tmp_path / "prompts.txt"), n_samples=2,
+                                      max_new_tokens=4, n_boot=20, output=str(out)), log=lambda m: None)
+    assert again["results"][str(run / "final")]["judge_calls"] == 0
