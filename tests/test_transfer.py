@@ -42,8 +42,15 @@ def test_gap_and_gain_are_paired_by_seed(tmp_path):
     assert not any(f.startswith("p none: deployed") for f in held)
     table = format_table({"points": [{"name": "p", "rows": list(rows.values())}]}).splitlines()
     assert table[0].split()[:6] == ["point", "params", "pi_ref", "pi_bar", "V", "none"]
-    # the gap -0.050 with its half-width, starred (the interval excludes 0); DPO's own gain is not starred
-    assert f"-0.050 ± {half:.3f}*" in table[1] and "+0.003 ± " in table[1]
+    # the gap -0.050 with its half-width, starred (the interval excludes 0); DPO's own gain, +0.003 from
+    # the per-seed gains 0.02, 0.01, -0.02 (sample sd 0.0208), is not: its interval holds 0
+    dpo_gains = [0.02, 0.01, -0.02]
+    mean = sum(dpo_gains) / 3
+    sd = math.sqrt(sum((g - mean) ** 2 for g in dpo_gains) / 2)
+    dpo_half = t.ppf(0.975, 2) * sd / math.sqrt(3)
+    assert mean - dpo_half < 0 < mean + dpo_half
+    cells = [c.strip() for c in table[1].split("  ") if c.strip()]
+    assert cells[-3:] == [f"-0.050 ± {half:.3f}*", f"+0.003 ± {dpo_half:.3f}", f"+0.150 ± {half:.3f}*"]  # sd 0.01, as the gap's
     assert table[1].split()[:6] == ["p", "0k", "0.510", "0.710", "0.620", "0.570"]
 
 
