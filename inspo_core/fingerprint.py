@@ -3,7 +3,8 @@
 Used wherever reuse must be exact: the reference cache key, and the identity of a checkpoint in
 evaluation (a judgement is reused only for the same weights). A hub name is resolved to its
 downloaded snapshot directory first, which names the commit. Full-file hashes are memoised by
-(real path, size, mtime, inode) when a memo directory is given, so a large checkpoint is read once.
+(real path, size, mtime, ctime, inode) when a memo directory is given, so a large checkpoint is read
+once; every lookup also compares a hash of the file's header and sampled blocks (`content_probe`).
 """
 
 from __future__ import annotations
@@ -34,21 +35,67 @@ def local_model_dir(name_or_path: str) -> Path:
     return Path(config).parent
 
 
-def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
-    """sha256 of a file's bytes, memoised under `memo_dir` by (real path, size, mtime, inode)."""
-    real = path.resolve()
-    st = real.stat()
-    memo_key = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
-    memo = memo_dir / f"{memo_key}.sha256" if memo_dir is not None else None
-    if memo is not None and memo.is_file():
-        return memo.read_text().strip()
+FULL_READ_BYTES = 4 << 20  # files up to this size are hashed in full on every call, never memoised
+SAMPLE_BLOCKS, SAMPLE_BYTES = 33, 64 << 10  # the sampled-content check of a memoised hash: ~2 MiB read
+MAX_HEADER_BYTES = 16 << 20
+
+
+def _stat_key(st) -> tuple:
+    """What the memo is keyed on. ctime is in it because os.utime can put back an mtime but not a
+    ctime: an in-place write through the file system always moves it."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _sample_offsets(size: int) -> list[int]:
+    """Start of each sampled block: evenly spaced from the first byte to the last block."""
+    last = max(size - SAMPLE_BYTES, 0)
+    return sorted({round(i * last / (SAMPLE_BLOCKS - 1)) for i in range(SAMPLE_BLOCKS)})
+
+
+def content_probe(path: Path) -> str:
+    """A cheap hash of a file's content, compared on every memo lookup: the safetensors header (all of
+    it, up to 16 MiB; for other files the first block) and SAMPLE_BLOCKS blocks evenly spread."""
     h = hashlib.sha256()
-    with open(real, "rb") as f:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors" and size >= 8:
+            n = int.from_bytes(f.read(8), "little")
+            f.seek(0)
+            h.update(f.read(8 + min(n, MAX_HEADER_BYTES)))
+        for off in _sample_offsets(size):
+            f.seek(off)
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _full_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None:
-        atomic_write_text(memo, digest)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """sha256 of a file's bytes. With `memo_dir`, a file above FULL_READ_BYTES is memoised by (real
+    path, size, mtime, ctime, inode), and a memo entry is used only when the file's `content_probe`
+    still equals the one stored with it. What this misses: an in-place edit on a file system that
+    does not keep ctime (some FUSE mounts report ctime = mtime) that touches none of the sampled bytes."""
+    real = path.resolve()
+    st = real.stat()
+    if memo_dir is None or st.st_size <= FULL_READ_BYTES:
+        return _full_sha256(real)
+    memo_key = hashlib.sha256(f"{real}|{'|'.join(map(str, _stat_key(st)))}".encode()).hexdigest()[:32]
+    memo = memo_dir / f"{memo_key}.json"
+    probe = content_probe(real)
+    try:
+        doc = json.loads(memo.read_text())
+        if doc["probe"] == probe and isinstance(doc["sha256"], str):
+            return doc["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no entry, or a damaged one: hash again
+    digest = _full_sha256(real)
+    atomic_write_text(memo, json.dumps({"sha256": digest, "probe": probe}))
     return digest
 
 

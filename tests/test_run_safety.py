@@ -3,6 +3,7 @@ caches, divergence, clipping of the prepared model. Each test reproduces a case 
 before (issue notes in the docstrings)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -301,6 +302,66 @@ def test_reference_cache_keys_on_full_weights_and_config(tmp_path):
     r_mid = run("mid", mid)
     assert not r_mid.ref_stats.cache_hit and r_mid.ref_stats.forwards > 0
     assert not run("conf", conf).ref_stats.cache_hit
+
+
+def _edit_in_place_keeping_size_and_mtime(f: Path, offset: int, n: int = 64 << 10) -> None:
+    """Zero `n` bytes at `offset` through the same inode, then put the old mtime back (os.utime)."""
+    st = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        assert any(fh.read(n))
+        fh.seek(offset)
+        fh.write(bytes(n))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = f.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_reference_cache_misses_after_an_in_place_edit_keeping_size_and_mtime(tmp_path):
+    """The whole-file hash was memoised by (path, size, mtime, inode): weights edited in place with
+    the mtime put back kept the old hash, and the old reference log-probs were used."""
+    cache = str(tmp_path / "cache")
+    first = Trainer(cfg(tmp_path / "a", cache, max_steps=1))
+    first.train()
+    ref = _save_tiny(tmp_path / "ref", Path(first.plan.model_source))
+    assert Trainer(cfg(tmp_path / "b", cache, model=str(ref), max_steps=1)).train().ref_stats.cache_hit
+    w = ref / "model.safetensors"
+    header = 8 + int.from_bytes(w.read_bytes()[:8], "little")
+    _edit_in_place_keeping_size_and_mtime(w, header + (w.stat().st_size - header) // 2 - (32 << 10))
+    c = Trainer(cfg(tmp_path / "c", cache, model=str(ref), max_steps=1)).train()
+    assert not c.ref_stats.cache_hit and c.ref_stats.forwards > 0
+
+
+def test_file_hash_memo_checks_sampled_content_when_ctime_is_not_kept(tmp_path, monkeypatch):
+    """Where the file system does not keep ctime apart from mtime (some FUSE mounts report ctime =
+    mtime), the memo key alone hits after an in-place edit (shown here with the content check turned
+    off); the sampled-content check (the safetensors header and evenly spaced blocks, read on every
+    lookup) catches an edit that touches them, and the hash returned is the new content's."""
+    import hashlib
+
+    import inspo_core.fingerprint as fp
+    from safetensors.torch import save_file
+
+    f = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(3 << 20)}, str(f))  # 12 MiB: above the size that is always read in full
+    assert f.stat().st_size > fp.FULL_READ_BYTES
+    monkeypatch.setattr(fp, "_stat_key", lambda st: (st.st_size, st.st_mtime_ns, st.st_ino))  # ctime not kept
+    probe = fp.content_probe
+
+    def run(check: bool) -> tuple[str, str]:
+        memo = tmp_path / f"memo-{check}"
+        shutil.rmtree(memo, ignore_errors=True)
+        save_file({"w": torch.arange(3 << 20, dtype=torch.float32)}, str(f))
+        monkeypatch.setattr(fp, "content_probe", probe if check else (lambda _p: "no check"))
+        before = fp.file_sha256(f, memo)
+        assert before == hashlib.sha256(f.read_bytes()).hexdigest()
+        _edit_in_place_keeping_size_and_mtime(f, fp._sample_offsets(f.stat().st_size)[10] + 100, 4096)
+        return before, fp.file_sha256(f, memo)
+
+    before, after = run(check=False)
+    assert after == before  # the bug: a stale hit
+    before, after = run(check=True)
+    assert after == hashlib.sha256(f.read_bytes()).hexdigest() != before
 
 
 def test_lora_reference_cache_ignores_the_adapters(tmp_path, cache_dir):
