@@ -75,7 +75,52 @@ def test_grid_and_side_axes():
     (dict(strategies=["symmetric"]), "must include none"),
     (dict(seeds=[0]), "at least 2 seeds"),
     (dict(vary="nonsense=1"), "vary entry"),
+    (dict(seeds=[0, 1, 0]), r"seeds \[0, 1, 0\]: 0 appears twice"),  # failed only after a point had trained
+    (dict(worlds=["cyclic:abc"]), r"world 'cyclic:abc'.*cyclic:<bt> with bt a number >= 0"),
+    (dict(worlds=["cyclic:inf"]), r"world 'cyclic:inf'.*cyclic:<bt> with bt a number >= 0"),
+    (dict(reference_point="l:cyclic:x1"), r"world 'cyclic:x1'.*cyclic:<bt>"),
 ])
 def test_bad_settings_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         TransferConfig(**bad)
+
+
+def test_bad_settings_are_reported_together():
+    with pytest.raises(ValueError) as e:
+        TransferConfig(seeds=[2, 2], worlds=["cyclic:abc"], sizes=["huge"])
+    msg = str(e.value)
+    assert "2 appears twice" in msg and "'cyclic:abc'" in msg and "size 'huge'" in msg
+    assert "could not convert" not in msg  # not the bare float error
+
+
+def test_a_smaller_grid_keeps_the_points_the_directory_holds(tmp_path, monkeypatch):
+    """A smaller grid run into a finished study's directory replaced its transfer.json, losing every
+    point it did not rerun. Points are merged by name: the rerun ones replaced, the others kept."""
+    import json
+
+    import workbench.transfer as tr
+
+    def fake_run_point(cfg, point, log=print):
+        return {"name": point["name"], "max_steps": cfg.max_steps}
+
+    monkeypatch.setattr(tr, "run_point", fake_run_point)
+    monkeypatch.setattr(tr, "analyse_point", lambda s: [{"strategy": "none", "from": s}])
+    monkeypatch.setattr(tr, "format_point", lambda p: "")
+    monkeypatch.setattr(tr, "format_table", lambda doc: "")
+    monkeypatch.setattr(tr, "findings", lambda doc: [])
+    out = tmp_path / "study"
+    tr.run_transfer(TransferConfig(sizes=["xs", "s"], worlds=["cyclic:0", "salience"], max_steps=10,
+                                   output_dir=str(out)), log=lambda m: None)
+    first = json.loads((out / "transfer.json").read_text())
+    assert [p["name"] for p in first["points"]] == ["xs-cyclic0", "xs-salience", "s-cyclic0", "s-salience"]
+    tr.run_transfer(TransferConfig(sizes=["s"], worlds=["salience", "bradley_terry"], max_steps=20,
+                                   output_dir=str(out)), log=lambda m: None)
+    doc = json.loads((out / "transfer.json").read_text())
+    names = [p["name"] for p in doc["points"]]
+    assert names == ["xs-cyclic0", "xs-salience", "s-cyclic0", "s-salience", "s-bradley_terry"]
+    steps = {p["name"]: p["rows"][0]["from"]["max_steps"] for p in doc["points"]}
+    assert steps == {"xs-cyclic0": 10, "xs-salience": 10, "s-cyclic0": 10, "s-salience": 20, "s-bradley_terry": 20}
+    kept = {p["name"]: p for p in first["points"]}
+    assert all(p == kept[p["name"]] for p in doc["points"] if steps[p["name"]] == 10)  # kept as they were
+    # each point says which study settings measured it
+    assert {p["name"]: p["config"]["max_steps"] for p in doc["points"]} == steps

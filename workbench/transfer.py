@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,12 @@ class TransferConfig:
             problems.append("strategies must include none: the transfer gap is measured against DPO")
         if len(self.seeds) < 2:
             problems.append("at least 2 seeds: the study reports intervals over seeds")
+        for key in ("seeds", "sizes", "worlds", "strategies"):  # a repeat would be trained or counted twice
+            values = getattr(self, key)
+            twice = list(dict.fromkeys(v for v in values if values.count(v) > 1))
+            if twice:
+                problems.append(f"{key} {values}: " + ", ".join(f"{v} appears twice" for v in twice)
+                                + "; give each once")
         try:
             self.side_axes()
         except ValueError as e:
@@ -109,9 +116,16 @@ def world_settings(name: str) -> dict:
         raise ValueError(f"world {name!r}: family must be cyclic, bradley_terry or salience")
     if bt and family != "cyclic":
         raise ValueError(f"world {name!r}: only the cyclic family takes a separable weight")
-    if bt and not float(bt) >= 0:
-        raise ValueError(f"world {name!r}: the separable weight must be a number >= 0")
-    return {"family": family, **({"bt": float(bt)} if bt else {})}
+    if bt:
+        try:
+            value = float(bt)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"world {name!r}: the separable weight must be a number >= 0; want "
+                             "cyclic:<bt> with bt a number >= 0, e.g. cyclic:0 or cyclic:0.5")
+        return {"family": family, "bt": value}
+    return {"family": family}
 
 
 def points(cfg: TransferConfig) -> list[dict]:
@@ -142,26 +156,50 @@ def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
 
 
 def run_transfer(cfg: TransferConfig, log=print) -> dict:
-    """Run (or continue) every point; write <output_dir>/transfer.json with the analysis."""
+    """Run (or continue) every point; write <output_dir>/transfer.json with the analysis. The points an
+    earlier study left in transfer.json are kept: a point run again replaces its entry (by name), the
+    rest stay as they were, each with the study settings (`config`) that measured it."""
     from inspo_core.evaluate import write_json
 
     t0 = time.time()
     todo = points(cfg)
-    doc = {"config": dataclasses.asdict(cfg), "points": [], "minutes": 0.0}
+    path = Path(cfg.output_dir) / "transfer.json"
+    earlier = _earlier_points(path)
+    config = dataclasses.asdict(cfg)
+    doc = {"config": config, "points": list(earlier.values()), "minutes": 0.0}
+    minutes_before = sum(p.get("minutes", 0.0) for name, p in earlier.items() if name not in {q["name"] for q in todo})
     for i, p in enumerate(todo, 1):
         log(f"[{i}/{len(todo)}] {p['name']}")
         t_point = time.time()
         summary = run_point(cfg, p, log=lambda m: None)
-        doc["points"].append({**p, "summary": str(Path(cfg.output_dir) / p["name"] / "summary.json"),
-                              "rows": analyse_point(summary), "minutes": (time.time() - t_point) / 60})
-        doc["minutes"] = (time.time() - t0) / 60
-        write_json(Path(cfg.output_dir) / "transfer.json", doc)  # after every point: an interrupted study shows
-        log(format_point(doc["points"][-1]))                      # what it measured
+        entry = {**p, "summary": str(Path(cfg.output_dir) / p["name"] / "summary.json"),
+                 "rows": analyse_point(summary), "minutes": (time.time() - t_point) / 60, "config": config}
+        names = [q["name"] for q in doc["points"]]
+        if p["name"] in names:
+            doc["points"][names.index(p["name"])] = entry
+        else:
+            doc["points"].append(entry)
+        doc["minutes"] = minutes_before + (time.time() - t0) / 60
+        write_json(path, doc)  # after every point: an interrupted study shows what it measured
+        log(format_point(entry))
     log(f"\n{format_table(doc)}\n(mean ± 95% t half-width over seeds; * = the interval excludes 0; "
         f"{doc['minutes']:.0f} min)")
     held = findings(doc)
     log("\n".join(["across seeds:"] + held) if held else "no gap or gain is separated from 0 across these seeds")
     return doc
+
+
+def _earlier_points(path: Path) -> dict[str, dict]:
+    """The points an earlier study wrote to `path`, by name ({} when there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        pts = doc["points"]
+        return {p["name"]: p for p in pts}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a transfer study's record ({e}); move it away or choose another "
+                         "output_dir: its points would be lost") from None
 
 
 def parameters(summary: dict) -> int:
