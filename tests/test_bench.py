@@ -68,18 +68,56 @@ def test_realistic_lengths_are_the_same_tokens_for_us_and_trl():
             assert pair.targets[r] == trl_ids[: 512 - len(prompt)] == want
 
 
-def test_model_flops_by_hand():
-    """6 N per token plus causal attention 6 n^2 h per layer for training; a third of it forward only."""
-    from inspo_core.conditioning import BuiltPair
-    from inspo_core.strategies import resolve_method
-    from workbench.bench_data import model_flops
+def test_model_flops_match_torch_flop_counter():
+    """The bench's model FLOPs against an independent count: torch's FlopCounterMode over the forward
+    (and forward + backward) the scorer actually runs, one sequence per forward (no padding), SDPA on
+    its math kernel so attention is counted as the matmuls it is (CPU's fused kernel is not counted).
+    What the counter executes and what model FLOPs count differ in two known ways only: attention is
+    computed as the full n x n square (model FLOPs count its causal half), and the backward recomputes
+    the checkpointed LM head once. Before the fix the bench charged the LM head at every token and the
+    norm weights as matmuls: 28.67M FLOPs for a forward the counter puts at 20.41M."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
 
-    pair = BuiltPair(0, [1] * 10, {"chosen": [5] * 6, "rejected": [6] * 4}, {}, {"chosen": 6, "rejected": 4})
-    views = resolve_method("dpo", "none").policy_views
-    N, L, h = 1000, 2, 8
-    want = sum(3 * (2 * N * n + 2 * L * h * n * n) for n in (16, 14))
-    assert model_flops([pair], views, N, L, h, train=True) == want
-    assert model_flops([pair], views, N, L, h, train=False) == want / 3
+    from inspo_core.conditioning import BuiltPair
+    from inspo_core.scoring import score_views
+    from inspo_core.strategies import resolve_method
+    from workbench.bench import model_for
+    from workbench.bench_data import matmul_params, model_flops
+
+    cfg = BenchConfig(preset="tiny", prompt_len=16, response_len=8, batch_size=2)
+    model = model_for(cfg)
+    mc = model.config
+    cases = [(synthetic_pairs(cfg, mc.vocab_size), resolve_method("dpo", "symmetric").policy_views),
+             # uneven lengths, and fewer scored tokens than target tokens (an EOS left out of the loss)
+             ([BuiltPair(0, [3] * 10, {"chosen": [5] * 6, "rejected": [6] * 4}, {}, {"chosen": 5, "rejected": 3})],
+              resolve_method("dpo", "none").policy_views)]
+
+    def counted(train: bool) -> dict[str, float]:
+        fc = FlopCounterMode(display=False)
+        with sdpa_kernel(SDPBackend.MATH), fc:
+            for pairs, views in cases:
+                for p in pairs:
+                    for v in views:
+                        with torch.set_grad_enabled(train):
+                            out = score_views(model, [p], [v], packing="padded").logps[v]
+                        if train:
+                            out.sum().backward()
+        c = fc.get_flop_counts()
+        ops = {str(k): n for k, n in c["Global"].items()}
+        assert set(ops) == {"aten.mm", "aten.bmm"}  # linears, attention
+        head = sum(c["TokenLogps.lm.lm_head"].values())
+        return {"linear": ops["aten.mm"], "attention": ops["aten.bmm"], "head": head}
+
+    def bench(train: bool) -> float:
+        return sum(model_flops(pairs, views, matmul_params(model), mc.num_hidden_layers, mc.hidden_size, train)
+                   for pairs, views in cases)
+
+    fwd, both = counted(False), counted(True)
+    assert bench(False) == fwd["linear"] + fwd["attention"] / 2
+    assert bench(True) == both["linear"] - fwd["head"] + both["attention"] / 2  # less the head's recompute
+    assert both["attention"] == 3 * fwd["attention"]  # the x3 rule, independently
 
 
 @pytest.mark.slow

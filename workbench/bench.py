@@ -37,7 +37,7 @@ from inspo_core.scoring import prepare_batch, score_batch
 from inspo_core.strategies import resolve_method
 from inspo_core.trainer import peak_rss_mb
 from inspo_core.tree_attention import use_tree_attention
-from workbench.bench_data import Data, model_flops
+from workbench.bench_data import Data, matmul_params, model_flops
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
     "tiny": (64, 2, 4, 4, 128, 1000),
@@ -131,13 +131,13 @@ class Runner:
             return score_batch(TokenLogps(model), self.ref_batches[i], device=self.dev,
                                mask_dtype=self.mask_dtype).logps
 
-    def flops_per_step(self, n_matmul: int, layers: int, hidden: int) -> float:
+    def flops_per_step(self, matmul: tuple[int, int], layers: int, hidden: int) -> float:
         """Mean model FLOPs of one step (policy forward + backward; the live reference's forward)."""
         total = 0.0
         for pairs in self.pairs:
-            total += model_flops(pairs, self.method.policy_views, n_matmul, layers, hidden, train=True)
+            total += model_flops(pairs, self.method.policy_views, matmul, layers, hidden, train=True)
             if self.reference == "live":
-                total += model_flops(pairs, self.method.ref_views, n_matmul, layers, hidden, train=False)
+                total += model_flops(pairs, self.method.ref_views, matmul, layers, hidden, train=False)
         return total / len(self.pairs)
 
     def step(self) -> None:
@@ -283,14 +283,14 @@ def run_bench(cfg: BenchConfig, log=print) -> list[dict]:
     dev, policy, ref_model = _setup(cfg)
     mc = policy.config
     n_params = sum(p.numel() for p in policy.parameters())
-    n_matmul = n_params - policy.get_input_embeddings().weight.numel()  # the LM head is a matmul, the lookup not
+    matmul = matmul_params(policy)  # body and LM head matmul weights (the embedding lookup and norms are none)
     data = Data(cfg, mc.vocab_size)
     combos = [(s, p, r) for s in cfg.strategies for p in cfg.packings for r in cfg.references]
     batches = {s: data.batches(s) for s in cfg.strategies}
     runners = [Runner(cfg, s, p, r, policy, ref_model, batches[s], dev) for s, p, r in combos]
     if _trl_available(cfg, log):
         dpo_views = resolve_method("dpo", "none").policy_views
-        dpo = sum(model_flops(b, dpo_views, n_matmul, mc.num_hidden_layers, mc.hidden_size, train=True)
+        dpo = sum(model_flops(b, dpo_views, matmul, mc.num_hidden_layers, mc.hidden_size, train=True)
                   for b in batches.get("none") or data.batches("none")) / cfg.n_batches
         runners.append(TrlRunner(cfg, data.rows, data.tok, dev, dpo))
     gemm = lambda: gemm_flops_per_s(dev, torch.bfloat16 if cfg.bf16 else torch.float32)  # noqa: E731
@@ -316,7 +316,7 @@ def run_bench(cfg: BenchConfig, log=print) -> list[dict]:
     rows = []
     for r in runners:
         t = sum(times[r.name]) / len(times[r.name])
-        flops = r.flops if isinstance(r, TrlRunner) else r.flops_per_step(n_matmul, mc.num_hidden_layers,
+        flops = r.flops if isinstance(r, TrlRunner) else r.flops_per_step(matmul, mc.num_hidden_layers,
                                                                            mc.hidden_size)
         rows.append({"strategy": r.strategy, "packing": r.packing, "reference": r.reference,
                      "pairs_per_s": cfg.batch_size / t, "sec_per_step": t,
@@ -328,7 +328,8 @@ def run_bench(cfg: BenchConfig, log=print) -> list[dict]:
             row["peak_mem_mb"] = _memory(cfg, row, dev)
     add_ratios(rows)
     log(format_rows(rows))
-    log(f"MFU: model FLOPs (6 N per token + causal attention, padding excluded) per second over this machine's "
+    log(f"MFU: model FLOPs (6 per body matmul weight per token, 6 per LM head weight per scored token, causal "
+        f"attention; padding excluded) per second over this machine's "
         f"measured matmul throughput, {peak / 1e9:.1f} GFLOP/s ({'bf16' if cfg.bf16 else 'fp32'} GEMM, best of "
         "before and after)")
     log(check_targets(rows))

@@ -64,15 +64,28 @@ def realistic_batches(cfg, rows: list[dict], tok, views) -> list[list[BuiltPair]
     return [pairs[i: i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
 
 
-def model_flops(pairs: list[BuiltPair], views, n_matmul: int, layers: int, hidden: int, train: bool) -> float:
+def matmul_params(model) -> tuple[int, int]:
+    """(matmul weights of the decoder body, of the LM head): the weights that cost 2 FLOPs per token
+    each. Embedding lookups and norm weights are no matmuls (and biases are additions)."""
+    from torch import nn
+
+    body = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, nn.Linear))
+    return body, model.get_output_embeddings().weight.numel()
+
+
+def model_flops(pairs: list[BuiltPair], views, matmul: tuple[int, int], layers: int, hidden: int, train: bool) -> float:
     """Model FLOPs of scoring `views` of `pairs`, each view's sequence on its own and without padding
-    (what the work is, however it is laid out): 2 per matmul parameter per token plus causal attention
-    (2 n^2 hidden per layer), x3 for forward + backward."""
+    (what the work is, however it is laid out). Forward: 2 per body matmul weight per token, 2 per LM
+    head weight per *scored* token (scoring needs the logits there only, and the scorer computes no
+    others: `inspo_core.logps`), and causal attention, 2 n^2 hidden per layer (the lower triangle of
+    QK^T and AV, each 2 n^2 hidden in full); x3 for forward + backward. `matmul` is
+    `matmul_params(model)`. tests/test_bench.py checks it against torch's FlopCounterMode."""
+    body, head = matmul
     total = 0.0
     for p in pairs:
         for v in views:
             n = len(p.sequence(v)[0])
-            total += 2 * n_matmul * n + 2 * layers * hidden * n * n
+            total += 2 * body * n + 2 * head * p.loss_lengths[v.target] + 2 * layers * hidden * n * n
     return total * (3 if train else 1)
 
 
