@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -207,3 +207,84 @@ def stream_generate(model, tok, builder, prompt, *, temperature: float = 0.7, to
     thread.join()
     if errors:
         raise errors[0]
+
+
+class Sampled(NamedTuple):
+    """One sampled answer: its text, the generated token ids (through the end token when the answer
+    ended by itself, so that the sequence's probability includes stopping) and whether it ended."""
+
+    text: str
+    ids: list[int]
+    ended: bool
+
+
+def end_ids(model, tok) -> set[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the generation config's."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, (list, tuple)) else [gen] if gen is not None else [])
+    return ids
+
+
+@torch.no_grad()
+def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, batch_size: int = 48, progress=None,
+                     **sampling) -> list[list[Sampled]]:
+    """n answers to each of several token sequences, as texts and token ids: [len(rows)][n] Sampled.
+
+    Rows are generated several at a time (about `batch_size` sequences per `generate` call, left padded
+    with an attention mask), longest first so that each call pads little; the results come back in the
+    order of `rows`. `progress(done, total)` is called after each call. The stream of random numbers is
+    fixed by `seed` and the batching, so the same call gives the same answers."""
+    dev = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ends = end_ids(model, tok)
+    per_call = max(1, batch_size // max(n, 1))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out: list[list[Sampled] | None] = [None] * len(rows)
+    for c, s in enumerate(range(0, len(order), per_call)):
+        chunk = [rows[i] for i in order[s : s + per_call]]
+        L = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (L - len(r)) + r for r in chunk], device=dev)
+        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in chunk], device=dev)
+        torch.manual_seed(seed * 7_919 + c)
+        gen = model.generate(input_ids=ids, attention_mask=mask, **sampling_kwargs(tok, n=n, **sampling)).tolist()
+        for j, i in enumerate(order[s : s + per_call]):
+            got = []
+            for g in gen[j * n : (j + 1) * n]:
+                new = g[L:]
+                stop = next((k for k, t in enumerate(new) if t in ends), None)
+                kept = new if stop is None else new[: stop + 1]
+                text = tok.decode(kept if stop is None else kept[:-1], skip_special_tokens=True).strip()
+                got.append(Sampled(text, kept, stop is not None))
+            out[i] = got
+        if progress is not None:
+            progress(min(s + per_call, len(rows)) * n, len(rows) * n)
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def answer_logps(model, rows: list[list[int]], answers: list[list[int]], batch_size: int = 16) -> list[float]:
+    """log pi(answer | row) summed over the answer's token ids (scored as sampled, not re-tokenised; an
+    end token at the end is part of the answer and is scored). [len(rows)] floats; an answer of no
+    tokens scores 0."""
+    from inspo_core.logps import sequence_logps
+
+    assert len(rows) == len(answers)
+    dev = next(model.parameters()).device
+    out = [0.0] * len(rows)
+    todo = [i for i in range(len(rows)) if answers[i]]
+    for s in range(0, len(todo), batch_size):
+        idx = todo[s : s + batch_size]
+        seqs = [rows[i] + answers[i] for i in idx]
+        T = max(map(len, seqs))
+        ids = torch.zeros(len(idx), T, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        target = torch.zeros(len(idx), T, dtype=torch.bool)
+        for r, i in enumerate(idx):
+            ids[r, : len(seqs[r])] = torch.tensor(seqs[r])
+            mask[r, : len(seqs[r])] = 1
+            target[r, len(rows[i]) : len(seqs[r])] = True
+        got = sequence_logps(model, ids.to(dev), mask.to(dev), target.to(dev)).sum.double().cpu().tolist()
+        for r, i in enumerate(idx):
+            out[i] = got[r]
+    return out
