@@ -365,13 +365,27 @@ def test_file_hash_memo_checks_sampled_content_when_ctime_is_not_kept(tmp_path, 
 
 
 def test_lora_reference_cache_ignores_the_adapters(tmp_path, cache_dir):
-    """With LoRA the key is the base model's: a reseeded LoRA run hits the cache."""
+    """With LoRA the key is the base model's: a reseeded LoRA run (other adapters from the start, and
+    another lr) on the same base model and data hits the cache. Both runs used to take seed 0, so
+    their adapters were identical and a key that covered the adapters hit too; the adapters are
+    checked to differ here. (val_size 0: the validation split depends on the seed; the base model is
+    given as a path, since `--model tiny` builds it from the seed.)"""
+    from safetensors.torch import load_file
+
     cache = str(tmp_path / "cache")
-    a = Trainer(cfg(tmp_path / "a", cache, lora=4, max_steps=1, seed=0)).train()
+    first = Trainer(cfg(tmp_path / "a", cache, lora=4, max_steps=1, seed=0, val_size=0, save_every=1))
+    a = first.train()
     assert not a.ref_stats.cache_hit
-    t = Trainer(cfg(tmp_path / "b", cache, lora=4, max_steps=1, seed=0, lr=3e-3))
-    b = t.train()
+    base = first.plan.model_source
+    b = Trainer(cfg(tmp_path / "b", cache, model=base, lora=4, max_steps=1, seed=1, val_size=0, save_every=1,
+                    lr=3e-3)).train()
     assert b.ref_stats.cache_hit and b.ref_stats.forwards == 0
+    ad_a, ad_b = (load_file(str(tmp_path / r / "run" / "checkpoints" / "step-1" / "adapter_model.safetensors"))
+                  for r in "ab")
+    lora_a = [k for k in ad_a if "lora_A" in k]
+    assert lora_a and sorted(ad_a) == sorted(ad_b)
+    # one step at lr <= 3e-3 moves an entry by about lr; the seeds' initial A matrices differ by far more
+    assert all((ad_a[k] - ad_b[k]).abs().max() > 0.05 for k in lora_a)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed_values"])
