@@ -23,25 +23,44 @@ TOY = str(ROOT / "examples" / "toy_preferences.jsonl")
 
 
 def train(out: Path, cache: Path, *args: str, procs: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    """One run; a run that outlives `timeout` (a hang in a collective) fails, and its whole process group (the
-    launcher and every worker) is killed, so no orphan keeps a core busy."""
+    """One run; a run that outlives `timeout` (a hang in a collective) fails, and the launcher and every worker
+    (torchrun starts each in a session of its own) are killed, so no orphan keeps a core busy."""
+    import tempfile
+
     common = ["--model", "tiny", "--data", TOY, "--max_length", "96", "--val_size", "8", "--cache_dir", str(cache),
               "--tiny_hidden", "32", "--output_dir", str(out), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
                str(free_port()), "-m", "workbench", "train"] if procs > 1 else [sys.executable, "-m", "workbench", "train"])
-    proc = subprocess.Popen(launch + common, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"the run did not finish in {timeout:.0f} s (a hang?); its last output:\n{stdout[-1500:]}\n"
-                    f"{stderr[-1500:]}")
-    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    with tempfile.TemporaryFile("w+") as o, tempfile.TemporaryFile("w+") as e:  # files: an orphan cannot block a read
+        proc = subprocess.Popen(launch + common, cwd=ROOT, env=env, stdout=o, stderr=e, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        o.seek(0), e.seek(0)
+        res = subprocess.CompletedProcess(proc.args, proc.returncode, o.read(), e.read())
+    if res.returncode == -signal.SIGKILL:
+        pytest.fail(f"the run did not finish in {timeout:.0f} s (a hang?); its last output:\n{res.stdout[-1500:]}\n"
+                    f"{res.stderr[-1500:]}")
     assert res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = _children(pid)
+    return kids + [d for k in kids for d in _descendants(k)]
 
 
 def rows(run: Path, key: str) -> list[float]:
@@ -151,20 +170,13 @@ def test_sharded_validation_with_uneven_shares(odd_val, sharding):
     if sharding == "zero3":
         pytest.importorskip("deepspeed")
     root, cache, kw = odd_val
-    res = train(root / sharding, cache, *kw, "--batch_size", "2", "--sharding", sharding, procs=2, timeout=300)
+    res = train(root / sharding, cache, *kw, "--batch_size", "2", "--sharding", sharding, procs=2, timeout=180)
     assert "9 validation pairs" in res.stdout
     assert_close(torch.tensor(rows(root / sharding, "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5,
                  rtol=0)
     assert len(rows(root / sharding, "eval/loss")) == 1
     assert_close(torch.tensor(rows(root / sharding, "eval/loss")), torch.tensor(rows(root / "one", "eval/loss")),
                  atol=1e-5, rtol=0)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def _alive(pid: int) -> bool:
