@@ -22,6 +22,10 @@ def run_models(cfg: ModelsConfig, log=print) -> dict[str, str]:
                 f"the hub, unquantised: {m.hub}")
         log("use a name wherever a model is asked for (--model smollm2), or fetch it now: --fetch smollm2")
         return {}
+    unknown = [name for name in cfg.fetch if name not in CATALOG and not str(name).endswith(".gguf")]
+    if unknown:
+        raise ValueError(f"unknown model name(s) {', '.join(map(repr, unknown))} for --fetch: the models known by name "
+                         f"are {', '.join(CATALOG)} (or give a .gguf file)")
     out = {name: resolve_model(name, cfg.cache_dir, log) for name in cfg.fetch}
     for name, path in out.items():
         log(f"{name}: {path}")
