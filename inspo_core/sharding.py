@@ -14,6 +14,7 @@ rank 0) and saved as one HF checkpoint loadable with `AutoModelForCausalLM`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,8 +35,9 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def init_process_group(accelerator) -> None:
-    """FSDP2 needs a process group; a single process (no launcher) gets a group of one."""
+def init_process_group(device_type: str) -> None:
+    """FSDP2 and DeepSpeed need a process group; a single process (no launcher) gets a group of one.
+    `device_type`: "cuda" (nccl) or anything else (gloo)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -45,8 +47,40 @@ def init_process_group(accelerator) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+    backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch, deepspeed) started this process as one of a world."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def before_deepspeed(on_cpu: bool, say=print) -> None:
+    """What ZeRO-3 needs before accelerate or DeepSpeed touch distributed state, called before the Accelerator.
+
+    One process without a launcher gets a process group of one: DeepSpeed would otherwise look for an MPI
+    world (and fail: no mpi4py). On CPU, DeepSpeed's communication backend JIT-compiles a C++ extension
+    (`deepspeed_shm_comm`, shared-memory all-reduce) the first time it starts, minutes on a small machine;
+    only its inference all-reduce (tensor-parallel inference) uses it, ZeRO-3's collectives go through
+    torch.distributed (gloo) either way, so it is marked as not buildable and never built."""
+    import torch.distributed as dist
+
+    if on_cpu:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() == "cpu":
+            # DeepSpeed asks this dict (probed once per process, kept in the module) before building the op
+            deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+            say(f"DeepSpeed on CPU: its shared-memory communication extension ({SHM_COMM_OP}, a C++ JIT build of "
+                "minutes the first time) is not built; ZeRO-3's collectives run over gloo")
+    if not dist.is_initialized() and not launched():
+        init_process_group("cuda" if torch.cuda.is_available() else "cpu")
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts that a launcher set it
 
 
 def shard(scorer: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ from inspo_core.logps import TokenLogps
 from inspo_core.plan import TrainPlan, prepare
 from inspo_core.refcache import RefStats
 from inspo_core.scoring import score_views
-from inspo_core.sharding import init_process_group, local_state_mb, shard
+from inspo_core.sharding import before_deepspeed, init_process_group, local_state_mb, shard
 from inspo_core.strategies import L_PLAIN, W_PLAIN, reflection_gain
 
 
@@ -88,6 +88,8 @@ class Trainer:
         if cfg.sharding == "zero3":  # DeepSpeed ZeRO-3 through accelerate, on CPU (its CPU accelerator) and GPU
             from accelerate.utils import DeepSpeedPlugin
 
+            # a process group of one without a launcher; on CPU no JIT build of DeepSpeed's shm comm op
+            before_deepspeed(on_cpu, lambda m: print(f"[inspo] {m}", flush=True) if _env_rank() == 0 else None)
             kw["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=cfg.grad_accum,
                                                      gradient_clipping=cfg.max_grad_norm or None, zero3_init_flag=False,
                                                      zero3_save_16bit_model=True)
@@ -169,14 +171,19 @@ class Trainer:
         model = self.acc.unwrap_model(scorer)
         was = model.training
         model.eval()
-        mine = list(range(self.acc.process_index, len(plan.val_pairs), self.acc.num_processes))
-        bs = self.cfg.batch_size
-        # more processes than pairs: an idle process scores pair 0 with count 0, so the reduction has its shape
-        batches = [mine[s : s + bs] for s in range(0, len(mine), bs)] or [[0]]
-        parts = [self.loss_terms(model, [plan.val_pairs[i] for i in idx], idx, plan.eval_views, plan.ref_val)["stats"]
-                 for idx in batches]
+        n, world, bs = len(plan.val_pairs), self.acc.num_processes, self.cfg.batch_size
+        mine = list(range(self.acc.process_index, n, world))
+        batches = [mine[s : s + bs] for s in range(0, len(mine), bs)]
+        # Under FSDP2 and ZeRO-3 every forward is a collective, so every process runs as many as the busiest one
+        # (ceil(ceil(n / world) / bs), at least one): the missing ones score pair 0 as dummies that count for
+        # nothing. A process without pairs keeps one dummy's statistics with count 0 for the reduction's shape.
+        steps = max(1, math.ceil(math.ceil(n / world) / bs))
+        score = lambda idx: self.loss_terms(model, [plan.val_pairs[i] for i in idx], idx,  # noqa: E731
+                                            plan.eval_views, plan.ref_val)["stats"]
+        parts = [score(idx) for idx in batches]
+        dummies = [score([0]) for _ in range(steps - len(batches))]
         model.train(was)
-        return {f"eval/{k}": v for k, v in self.reduce_stats(parts, None if mine else 0).items()}
+        return {f"eval/{k}": v for k, v in self.reduce_stats(parts or dummies[:1], None if parts else 0).items()}
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -279,7 +286,7 @@ class Trainer:
         cfg, acc, plan = self.cfg, self.acc, self.plan
         scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
         if cfg.sharding == "fsdp2":
-            init_process_group(acc)
+            init_process_group(acc.device.type)
             shard(scorer)
         optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
                                       betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -333,6 +340,13 @@ class Trainer:
             + ". Lower lr, check the data, or disable bf16 (a resume must keep the config: with another lr, "
             "start a new run from that checkpoint's weights with --model)."
         )
+
+
+def _env_rank() -> int:
+    """This process's rank before any process group exists (0 without a launcher)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def reset_accelerate_state() -> None:

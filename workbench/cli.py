@@ -75,7 +75,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def die_with_launcher() -> None:
+    """A worker started by a launcher (torchrun, accelerate launch, deepspeed: LOCAL_RANK or TORCHELASTIC_RUN_ID
+    set) exits when the launcher dies. A launcher killed with SIGKILL forwards nothing, and its workers, each in
+    a session of its own, used to keep training (or wait in a collective) as orphans. On Linux the kernel sends
+    this process SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls the
+    parent's pid."""
+    import os
+
+    if "LOCAL_RANK" not in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import signal
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0:
+                if os.getppid() != parent or parent == 1:  # the launcher died before the request took effect
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return
+        except (OSError, AttributeError):
+            pass
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
