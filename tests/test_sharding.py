@@ -22,16 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "examples" / "toy_preferences.jsonl")
 
 
-def train(out: Path, cache: Path, *args: str, procs: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+def train(out: Path, cache: Path, *args: str, procs: int = 1, timeout: float = 600,
+          entry: tuple[str, ...] = ("-m", "workbench")) -> subprocess.CompletedProcess:
     """One run; a run that outlives `timeout` (a hang in a collective) fails, and the launcher and every worker
-    (torchrun starts each in a session of its own) are killed, so no orphan keeps a core busy."""
+    (torchrun starts each in a session of its own) are killed, so no orphan keeps a core busy. `entry`: what
+    python runs (a module or a script taking the workbench's command line)."""
     import tempfile
 
     common = ["--model", "tiny", "--data", TOY, "--max_length", "96", "--val_size", "8", "--cache_dir", str(cache),
               "--tiny_hidden", "32", "--output_dir", str(out), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(free_port()), "-m", "workbench", "train"] if procs > 1 else [sys.executable, "-m", "workbench", "train"])
+               str(free_port()), *entry, "train"] if procs > 1 else [sys.executable, *entry, "train"])
     with tempfile.TemporaryFile("w+") as o, tempfile.TemporaryFile("w+") as e:  # files: an orphan cannot block a read
         proc = subprocess.Popen(launch + common, cwd=ROOT, env=env, stdout=o, stderr=e, text=True,
                                 start_new_session=True)
@@ -52,10 +54,11 @@ def train(out: Path, cache: Path, *args: str, procs: int = 1, timeout: float = 6
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # a child belongs to the thread that started it
+        with contextlib.suppress(OSError):
+            kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
 
 
 def _descendants(pid: int) -> list[int]:
@@ -151,6 +154,26 @@ def test_lora_with_fsdp2(runs, tmp_path):
 
 # ---- every rank runs the same collectives; a dead launcher takes its workers -----------------------------
 
+# DeepSpeed keeps a small model's parameters whole (each under stage3_param_persistence_threshold) or gathered
+# between forwards (stage3_max_reuse_distance): then no forward of the tiny model is a collective. This entry point
+# makes ZeRO-3 gather every parameter for every forward, as it does for a model too large to keep.
+ZERO3_GATHER_ALWAYS = """
+import sys
+from inspo_core import trainer
+engine = trainer.Trainer._engine
+def gather_always(self, policy):
+    plugin = self.acc.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config["zero_optimization"].update(
+            stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0, stage3_max_live_parameters=0,
+            stage3_prefetch_bucket_size=0)
+    return engine(self, policy)
+trainer.Trainer._engine = gather_always
+from workbench.cli import main
+sys.exit(main())
+"""
+
+
 @pytest.fixture(scope="module")
 def odd_val(tmp_path_factory):
     """One process with 9 validation pairs: with 2 processes and batch 2, rank 0 scores 5 of them in 3 batches and
@@ -160,6 +183,7 @@ def odd_val(tmp_path_factory):
     cache = root / "cache"
     kw = ["--max_steps", "2", "--val_size", "9"]
     train(root / "one", cache, *kw, "--batch_size", "4")
+    (root / "zero3_gather_always.py").write_text(ZERO3_GATHER_ALWAYS)
     return root, cache, kw
 
 
@@ -170,7 +194,9 @@ def test_sharded_validation_with_uneven_shares(odd_val, sharding):
     if sharding == "zero3":
         pytest.importorskip("deepspeed")
     root, cache, kw = odd_val
-    res = train(root / sharding, cache, *kw, "--batch_size", "2", "--sharding", sharding, procs=2, timeout=180)
+    entry = (str(root / "zero3_gather_always.py"),) if sharding == "zero3" else ("-m", "workbench")
+    res = train(root / sharding, cache, *kw, "--batch_size", "2", "--sharding", sharding, procs=2, timeout=180,
+                entry=entry)
     assert "9 validation pairs" in res.stdout
     assert_close(torch.tensor(rows(root / sharding, "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5,
                  rtol=0)
