@@ -216,25 +216,25 @@ class Sampled(NamedTuple):
     text: str
     ids: list[int]
     ended: bool
+    logp: float | None = None  # log pi(ids | row) from the model's raw logits while sampling, when asked for
 
 
 def end_ids(model, tok) -> set[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the generation config's."""
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen if isinstance(gen, (list, tuple)) else [gen] if gen is not None else [])
-    return ids
+    """Token ids that end an answer: the tokenizer's EOS, the one `sampling_kwargs` hands to generate."""
+    return {tok.eos_token_id} if tok.eos_token_id is not None else set()
 
 
 @torch.no_grad()
 def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, batch_size: int = 48, progress=None,
-                     **sampling) -> list[list[Sampled]]:
+                     score: bool = False, **sampling) -> list[list[Sampled]]:
     """n answers to each of several token sequences, as texts and token ids: [len(rows)][n] Sampled.
 
     Rows are generated several at a time (about `batch_size` sequences per `generate` call, left padded
     with an attention mask), longest first so that each call pads little; the results come back in the
     order of `rows`. `progress(done, total)` is called after each call. The stream of random numbers is
-    fixed by `seed` and the batching, so the same call gives the same answers."""
+    fixed by `seed` and the batching, so the same call gives the same answers. With `score`, each answer
+    carries log pi(ids | row) summed from the model's raw (unwarped) logits at every sampled step, the
+    end token included: the log-prob a separate scoring pass would give, without that pass."""
     dev = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ends = end_ids(model, tok)
@@ -247,15 +247,21 @@ def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, ba
         ids = torch.tensor([[pad] * (L - len(r)) + r for r in chunk], device=dev)
         mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in chunk], device=dev)
         torch.manual_seed(seed * 7_919 + c)
-        gen = model.generate(input_ids=ids, attention_mask=mask, **sampling_kwargs(tok, n=n, **sampling)).tolist()
+        res = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=score,
+                             **sampling_kwargs(tok, n=n, **sampling))
+        gen = res.sequences.tolist()
+        if score:  # [B, steps] log-softmax of the raw logits at each sampled token
+            new_ids = res.sequences[:, L:]
+            step_logps = torch.stack([lg.float().log_softmax(-1).gather(-1, new_ids[:, t : t + 1]).squeeze(-1)
+                                      for t, lg in enumerate(res.logits)], 1).double().tolist()
         for j, i in enumerate(order[s : s + per_call]):
             got = []
-            for g in gen[j * n : (j + 1) * n]:
-                new = g[L:]
+            for b in range(j * n, (j + 1) * n):
+                new = gen[b][L:]
                 stop = next((k for k, t in enumerate(new) if t in ends), None)
                 kept = new if stop is None else new[: stop + 1]
                 text = tok.decode(kept if stop is None else kept[:-1], skip_special_tokens=True).strip()
-                got.append(Sampled(text, kept, stop is not None))
+                got.append(Sampled(text, kept, stop is not None, sum(step_logps[b][: len(kept)]) if score else None))
             out[i] = got
         if progress is not None:
             progress(min(s + per_call, len(rows)) * n, len(rows) * n)

@@ -85,7 +85,8 @@ def frontier(points: list[dict]) -> go.Figure:
     """Reward against KL(pi || pi_ref), one curve per strategy (the DPO paper's Figure 2, left).
 
     points: dicts with strategy, kl, reward, name, and `order` (position along training, e.g. the
-    step); each run's points are joined in that order, starting from pi_ref at (0, its reward)."""
+    step), optionally kl_ci and reward_ci (drawn as error bars); each run's points are joined in that
+    order, starting from pi_ref at (0, its reward). Runs at several betas are separate lines."""
     fig = go.Figure()
     shown = set()
     origin = next((p for p in points if p["strategy"] == "pi_ref"), None)
@@ -98,9 +99,15 @@ def frontier(points: list[dict]) -> go.Figure:
         if origin:
             pts = [origin] + pts
         s = pts[-1]["strategy"]
+        err = {}
+        if all("kl_ci" in p and "reward_ci" in p for p in pts):  # 95% intervals over prompts, where measured
+            err = dict(error_x=dict(type="data", symmetric=False, array=[p["kl_ci"][1] - p["kl"] for p in pts],
+                                    arrayminus=[p["kl"] - p["kl_ci"][0] for p in pts], thickness=1),
+                       error_y=dict(type="data", symmetric=False, array=[p["reward_ci"][1] - p["reward"] for p in pts],
+                                    arrayminus=[p["reward"] - p["reward_ci"][0] for p in pts], thickness=1))
         fig.add_trace(go.Scatter(x=[p["kl"] for p in pts], y=[p["reward"] for p in pts], mode="lines+markers",
                                  name=s, legendgroup=s, showlegend=s not in shown, line=line_style(s),
-                                 hovertext=[p["name"] for p in pts], opacity=0.85))
+                                 hovertext=[p["name"] for p in pts], opacity=0.85, **err))
         shown.add(s)
     if origin:
         fig.add_trace(go.Scatter(x=[origin["kl"]], y=[origin["reward"]], mode="markers", name="pi_ref",

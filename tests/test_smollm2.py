@@ -161,7 +161,10 @@ def test_arena_with_a_real_chat_checkpoint(chat_runs):
 
 def test_the_sentiment_demo_fast(tmp_path):
     """`workbench demo --world sentiment --fast`: pairs from SmolLM2 labelled by VADER, LoRA DPO and
-    INS-DPO, every row measured (V, reward, KL) and a report with the frontier."""
+    INS-DPO, every row measured (V over samples x opponents, reward, sequence-level KL), per-prompt cells
+    for the paired difference, and a report with the frontier. The KL of a trained model is estimated
+    (nonzero); pi_ref's own is 0 by definition (the estimator is checked against exact enumeration in
+    test_text_measure)."""
     import json
 
     from workbench.cli import main
@@ -171,13 +174,22 @@ def test_the_sentiment_demo_fast(tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     rows = {r["objective"] + "/" + r["strategy"]: r for r in summary["table"]}
     assert set(rows) == {"pi_ref/-", "dpo/none", "dpo/symmetric"}
+    n_prompts = summary["world"]["n_eval_prompts"]
     for r in summary["runs"]:
         d = r["deployed"]
-        assert 0 <= d["V_identity"] <= 1 and -1 <= d["reward"] <= 1 and d["kl_samples"] > 0
+        assert 0 <= d["V_identity"] <= 1 and -1 <= d["reward"] <= 1 and d["kl_samples"] == 2
+        assert len(d["cells"]["V_identity"]) == n_prompts and len(d["answers"][0]) == 2
+        assert d["V_identity"] == pytest.approx(sum(d["cells"]["V_identity"]) / n_prompts)
         answers = [a for row in d["answers"] for a in row]
         assert sum(bool(a.strip()) for a in answers) >= 0.9 * len(answers)  # real answers, not empty strings
-    ref = next(r for r in summary["runs"] if r["objective"] == "pi_ref")
-    assert ref["deployed"]["kl"] == pytest.approx(0.0, abs=1e-6)  # pi_ref against itself
+        if r["objective"] != "pi_ref":
+            assert d["kl"] != 0.0 and "V_others_identity" in r["reflective"]["cells"]
+    (diff,) = summary["differences"]
+    assert diff["strategy"] == "symmetric" and len(diff["deployed/V_identity"]) == 3
+    runs = {r["strategy"]: r for r in summary["runs"] if r["objective"] == "dpo"}
+    want = sum(a - b for a, b in zip(runs["symmetric"]["deployed"]["cells"]["V_identity"],
+                                     runs["none"]["deployed"]["cells"]["V_identity"])) / n_prompts
+    assert diff["deployed/V_identity"][0] == pytest.approx(want)
     assert {p["strategy"] for p in summary["frontier"]} >= {"pi_ref", "none", "symmetric"}
     html = (tmp_path / "demo" / "report.html").read_text()
-    assert "reward vs KL" in html and "Answers side by side" in html
+    assert "reward vs KL" in html and "Answers side by side" in html and "paired difference" in html

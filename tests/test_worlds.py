@@ -103,3 +103,61 @@ def test_reference_against_itself_has_value_one_half(small):
     ceil = theory_ceilings(w, ref_texts)["identity"]
     assert ceil["pi_ref"] == pytest.approx(0.5) and ceil["pi_bar"] >= 0.5 and ceil["pi_star"] >= ceil["pi_bar"]
     assert 0 <= res["reflective"]["V_identity"] <= 1
+
+
+def test_sentiment_prompts_are_held_out_by_subject():
+    """No held-out prompt shares its subject with a training prompt (only the template differed before),
+    every subject's three prompts fall on one side, and the clusters are the subjects."""
+    from inspo_core.worlds.sentiment import SUBJECTS, TEMPLATES, SentimentWorld, SentimentWorldConfig
+
+    w = SentimentWorld(SentimentWorldConfig())
+    subject = {t.format(s=s): s for s in SUBJECTS for t in TEMPLATES}
+    train, held = {subject[p] for p in w.train_prompts}, {subject[p] for p in w.eval_prompts}
+    assert not train & held and len(train) == 60 and len(train | held) == len(SUBJECTS)
+    assert len(w.train_prompts) == 3 * len(train) and len(w.eval_prompts) == 3 * len(held) == len(w.prompts)
+    assert [SUBJECTS[c] for c in w.clusters] == [subject[p] for p in w.prompts]
+    assert SentimentWorld(SentimentWorldConfig(n_eval_prompts=5)).prompts == w.eval_prompts[:5]
+    with pytest.raises(ValueError, match="n_train_subjects=82"):
+        SentimentWorldConfig(n_train_subjects=82)
+
+
+def test_a_third_world_is_one_class(tmp_path):
+    """The runner asks nothing of a world beyond the interface (inspo_core.worlds.base): a world that
+    reuses a token world's pi_ref but prefers later items (a reward, so the frontier is drawn) is one
+    class registered by name, and `run_demo` trains, measures and reports it like the built-in ones."""
+    from inspo_core.worlds.base import WORLDS, register, world_names
+    from inspo_core.worlds.token import TokenWorld
+    from workbench.demo import run_demo
+    from workbench.demo_config import DemoConfig
+
+    class LaterItems(TokenWorld):
+        name = "later_items_test"
+        demo_defaults = {**TokenWorld.demo_defaults, "family": "bradley_terry", "seeds": [0]}
+
+        def preference(self, prompt, a, b):
+            ya, yb = self.parse(a), self.parse(b)
+            if ya is None or yb is None:
+                return 0.5 if ya is None and yb is None else (0.0 if ya is None else 1.0)
+            return 1 / (1 + np.exp(-(ya - yb)))
+
+        def ceilings(self, opp):
+            return {"header": "no ceilings in this world."}
+
+    register(LaterItems)
+    try:
+        assert "later_items_test" in world_names()
+        cfg = DemoConfig(world="later_items_test", strategies=["none", "symmetric"], n_pairs=200, max_steps=6,
+                         n_eval=20, pretrain_steps=60, reflective=False, output_dir=str(tmp_path / "demo"),
+                         cache_dir=str(tmp_path / "cache"))
+        summary = run_demo(cfg, log=lambda m: None)
+    finally:
+        WORLDS.pop("later_items_test")
+    assert summary["world"]["kind"] == "later_items_test"
+    assert [r["strategy"] for r in summary["table"]] == ["-", "none", "symmetric"]
+    run = next(r for r in summary["runs"] if r["strategy"] == "symmetric")
+    w = LaterItems(TokenWorld.from_demo(cfg).cfg)
+    texts = [t for row in [["I recommend the figs."]] for t in row]
+    assert w.preference("", texts[0], "Take the apple.") > 0.9
+    assert 0 <= run["deployed"]["V_identity"] <= 1 and len(run["deployed"]["cells"]["V_identity"]) == 4
+    assert summary["differences"][0]["strategy"] == "symmetric"
+    assert "no ceilings in this world." in (tmp_path / "demo" / "report.html").read_text()

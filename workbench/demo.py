@@ -1,87 +1,127 @@
-"""`python -m workbench demo`: DPO vs INS-DPO end to end in a token world with an exact oracle.
+"""`python -m workbench demo`: DPO vs INS-DPO end to end in a world with an exact oracle.
 
-Builds (or reuses) the world's pi_ref, samples and labels pairs, trains every objective x strategy
-x seed, evaluates each final model against pi_ref samples with the oracle, and writes
-`<output_dir>/summary.json`, `report.html` and a printed table. Numbers are whatever the world
-gives; the report shows the theory's ceilings (pi_bar, pi_star) beside them.
+One runner for every world (`inspo_core.worlds.base`): it builds (or reuses) the world's pi_ref and
+its opponents, measures pi_ref itself, trains every objective x strategy x beta x seed on the
+world's labelled pairs, measures each final model (and, where the world has a reward, one checkpoint
+along the way for the frontier) against the same opponents, and writes `<output_dir>/summary.json`,
+`report.html` and a printed table with paired differences to the `none` baseline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from inspo_core.conditioning import BuilderConfig
+from inspo_core.atomic import atomic_write_text
 from inspo_core.evaluate import write_json
-from workbench.demo_config import DemoConfig, output_check, run_config, train_and_evaluate
+from workbench.demo_config import DemoConfig, output_check, run_config, run_name, train_and_evaluate
 
 
+def make_world(cfg: DemoConfig, **overrides):
+    """The world a demo config describes (through the world registry), with `overrides` replacing keys
+    of the world's own config (e.g. a token world's hidden_size)."""
+    from inspo_core.worlds.base import world_class
 
-def run_demo(cfg: DemoConfig, log=print, world_overrides: dict | None = None) -> dict:
-    if cfg.world == "sentiment":
-        from workbench.sentiment_demo import run_sentiment_demo
+    world = world_class(cfg.world).from_demo(cfg)
+    return type(world)(dataclasses.replace(world.cfg, **overrides)) if overrides else world
 
-        output_check(cfg)
-        return run_sentiment_demo(cfg, log)
-    from inspo_core.worlds.evaluation import reference_samples, theory_ceilings, world_value
-    from inspo_core.worlds.token import TokenWorld, TokenWorldConfig, build_reference, sample_pairs
+
+def _reference_row(world, cfg: DemoConfig, ref_dir: Path, opp, settings: dict, seed: int, log) -> dict:
+    """pi_ref measured like every trained model; cached in the world's directory under the settings
+    and opponents it was measured with, so other demos and frontiers of the same world reuse it."""
+    key = hashlib.sha256(json.dumps({"world": world.name, "settings": settings, "opponents": opp, "seed": seed},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = world.directory(cfg.cache_dir) / f"pi_ref-measure-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    log(f"measuring pi_ref (seed {seed})")
+    ev = world.measure(ref_dir, ref_dir, opp, settings, seed, log)
+    atomic_write_text(path, json.dumps(ev))
+    return ev
+
+
+def run_demo(cfg: DemoConfig, log=print, world=None) -> dict:
+    """Run (or, with cfg.resume, continue) the demo; `world` replaces the world the config describes
+    (the transfer study passes its own)."""
     from workbench.report import aggregate, format_table, write_demo_report
 
     t0 = time.time()
     out = Path(cfg.output_dir)
     output_check(cfg)
-    wcfg = TokenWorldConfig(**(world_overrides or {}), family=cfg.family, n_contexts=cfg.n_contexts,
-                            n_items=cfg.n_items, strength=cfg.strength,
-                            seed=cfg.world_seed, pretrain_steps=min(cfg.pretrain_steps, 200) if cfg.fast else cfg.pretrain_steps)
-    world = TokenWorld(wcfg)
-    ref_dir = build_reference(world, cfg.cache_dir, log=log)
-    wdir = ref_dir.parent
-    ref_texts = reference_samples(world, ref_dir, cfg.n_eval, seed=12345)  # the opponents: pi_ref itself (T=1)
-    ceilings = theory_ceilings(world, ref_texts)
-    log(f"world {cfg.family}: V(pi_bar) = {ceilings['identity']['pi_bar']:.3f}, "
-        f"V(pi_star) = {ceilings['identity']['pi_star']:.3f} (identity, against pi_ref samples of which "
-        f"{ceilings['opponent_unparseable']:.1%} are unparseable)")
-    builder = BuilderConfig(context_format=cfg.context_format, max_length=cfg.max_length, alpha_draft=cfg.alpha_draft)
-    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p)
-    runs = []
-    for seed in cfg.seeds:  # pi_ref sampled like every trained model: the baseline the others must beat
-        ev = world_value(world, ref_dir, ref_texts, seed=seed, reflective=cfg.reflective, builder=builder, **sampling)
-        runs.append({"name": f"pi_ref-s{seed}", "objective": "pi_ref", "strategy": "-", "seed": seed,
+    world = world or make_world(cfg)
+    ref_dir = world.reference(cfg.cache_dir, log=log)
+    opp = world.opponents(cfg.cache_dir, ref_dir, cfg.n_eval, log=log)
+    ceilings = world.ceilings(opp)
+    log(ceilings["header"])
+    settings = world.measure_settings(cfg)
+    runs, points, timing = [], [], {"pi_ref": 0.0, "train": 0.0, "measure": 0.0}
+    t = time.time()
+    for seed in world.reference_seeds(cfg.seeds):
+        ev = _reference_row(world, cfg, ref_dir, opp, settings, seed, log)
+        runs.append({"name": f"pi_ref-s{seed}", "objective": "pi_ref", "strategy": "-", "beta": None, "seed": seed,
                      "run_dir": None, **ev})
-    log(f"pi_ref sampled at T={cfg.temperature}, top-p {cfg.top_p}: V = "
-        f"{np.mean([r['deployed']['V_identity'] for r in runs]):.3f} (mean over {len(runs)} seeds)")
-    combos = [(o, s, seed) for seed in cfg.seeds for o in cfg.objectives for s in cfg.strategies]
-    for i, (objective, strategy, seed) in enumerate(combos, 1):
-        pairs = sample_pairs(world, ref_dir, cfg.n_pairs, wdir / f"pairs-{cfg.n_pairs}-s{seed}.jsonl", seed=seed, log=log)
-        name = f"{objective}-{strategy}-s{seed}"
-        log(f"[{i}/{len(combos)}] training {name}")
-        settings = {"judge": "oracle", "sampling": sampling, "seed": seed, "opponent": "pi_ref samples at T=1, top-p 1",
-                    "world": dataclasses.asdict(wcfg), "measure": {"n_eval": cfg.n_eval, "reflective": cfg.reflective,
-                                                                   "builder": dataclasses.asdict(builder)}}
+        if "reward_t1" in ev["deployed"]:
+            points.append({"strategy": "pi_ref", "beta": None, "kl": 0.0, "reward": ev["deployed"]["reward_t1"],
+                           "reward_ci": ev["deployed"]["reward_t1_ci"], "kl_ci": [0.0, 0.0], "name": "pi_ref",
+                           "run": "pi_ref", "order": 0})
+        log(f"pi_ref (seed {seed}) at T={cfg.temperature}, top-p {cfg.top_p}: V = {ev['deployed']['V_identity']:.3f}")
+    timing["pi_ref"] = time.time() - t
+    combos = [(o, s, b, seed) for seed in cfg.seeds for b in cfg.betas for o in cfg.objectives for s in cfg.strategies]
+    extra = world.run_settings(cfg)
+    mid = extra.get("save_every") or None
+    for i, (objective, strategy, beta, seed) in enumerate(combos, 1):
+        pairs = world.pairs(cfg.cache_dir, ref_dir, seed, cfg.n_pairs, log=log)
+        name = run_name(cfg, objective, strategy, seed, beta)
+        log(f"[{i}/{len(combos)}] training {name} ({cfg.max_steps} steps)")
+        run_settings = {"judge": "oracle", "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p},
+                        "seed": seed, "opponent": "pi_ref samples at T=1, top-p 1",
+                        "world": {"kind": world.name, **dataclasses.asdict(world.cfg)},
+                        "measure": {**settings, "frontier_step": mid}}
+        clock = {}
 
-        def evaluate(run_dir: Path, seed=seed) -> dict:
-            return world_value(world, run_dir / "final", ref_texts, seed=seed, reflective=cfg.reflective,
-                               builder=builder, **sampling)
+        def evaluate(run_dir: Path, seed=seed, clock=clock) -> dict:
+            clock["trained"] = time.time()
+            ev = world.measure(run_dir / "final", ref_dir, opp, settings, seed, log)
+            if mid is not None and (run_dir / "checkpoints" / f"step-{mid}").is_dir():
+                ev["frontier_mid"] = world.measure(run_dir / "checkpoints" / f"step-{mid}", ref_dir, opp, settings,
+                                                   seed, log, frontier_only=True)["deployed"]
+            return ev
 
-        run_dir, ev = train_and_evaluate(cfg, run_config(cfg, objective, strategy, seed, ref_dir, pairs, val_size=100,
-                                                         eval_every=max(1, cfg.max_steps // 5), log_every=5),
-                                         settings, evaluate, log)
-        runs.append({"name": name, "objective": objective, "strategy": strategy, "seed": seed,
+        t = time.time()
+        run_dir, ev = train_and_evaluate(cfg, run_config(cfg, objective, strategy, seed, ref_dir, pairs, beta=beta,
+                                                         **extra), run_settings, evaluate, log)
+        done = time.time()
+        timing["train"] += clock.get("trained", t) - t
+        timing["measure"] += done - clock.get("trained", t)
+        at_mid = ev.pop("frontier_mid", None)
+        runs.append({"name": name, "objective": objective, "strategy": strategy, "beta": beta, "seed": seed,
                      "run_dir": str(run_dir), **ev})
         d = ev["deployed"]
-        log(f"    V = {d['V_identity']:.3f} [{d['V_identity_ci'][0]:.3f}, {d['V_identity_ci'][1]:.3f}]"
-            + (f"; reflective {ev['reflective']['V_identity']:.3f}" if "reflective" in ev else ""))
-    table = aggregate(runs)
-    summary = {"config": dataclasses.asdict(cfg), "world": dataclasses.asdict(wcfg), "ceilings": ceilings,
-               "table": table, "runs": runs, "minutes": (time.time() - t0) / 60}
+        if "kl" in d:
+            points.append({"strategy": strategy, "beta": beta, "kl": d["kl"], "reward": d["reward_t1"],
+                           "kl_ci": d["kl_ci"], "reward_ci": d["reward_t1_ci"], "name": f"{name} final", "run": name,
+                           "order": cfg.max_steps})
+            if at_mid is not None:
+                points.append({"strategy": strategy, "beta": beta, "kl": at_mid["kl"], "reward": at_mid["reward_t1"],
+                               "kl_ci": at_mid["kl_ci"], "reward_ci": at_mid["reward_t1_ci"],
+                               "name": f"{name} step {mid}", "run": name, "order": mid})
+        lo, hi = d["V_identity_ci"]
+        log(f"    V = {d['V_identity']:.3f} [{lo:.3f}, {hi:.3f}]"
+            + (f", reward {d['reward']:.3f}, KL {d['kl']:.2f}" if "kl" in d else "")
+            + (f"; reflective {ev['reflective']['V_identity']:.3f}" if "reflective" in ev else "")
+            + f"  ({(done - t) / 60:.1f} min)")
+    table, diffs = aggregate(runs, world.clusters, world.prompts_sampled)
+    summary = {"config": dataclasses.asdict(cfg), "world": {"kind": world.name, **dataclasses.asdict(world.cfg)},
+               "ceilings": ceilings, "table": table, "differences": diffs, "runs": runs, "frontier": points,
+               "timing_minutes": {k: v / 60 for k, v in timing.items()}, "minutes": (time.time() - t0) / 60}
     write_json(out / "summary.json", summary)
-    write_demo_report(out / "report.html", summary)
-    log(format_table(summary))
-    log(f"report: {out / 'report.html'}  ({summary['minutes']:.1f} min)")
+    write_demo_report(out / "report.html", summary, world)
+    log(format_table(summary, world))
+    log(f"report: {out / 'report.html'}  ({summary['minutes']:.1f} min: pi_ref {timing['pi_ref'] / 60:.1f}, "
+        f"training {timing['train'] / 60:.1f}, measuring {timing['measure'] / 60:.1f})")
     return summary
 
 

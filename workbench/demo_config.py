@@ -1,5 +1,5 @@
-"""Settings of `python -m workbench demo`, shared by the token-world and the sentiment-world demos,
-and the training config every demo run is built from."""
+"""Settings of `python -m workbench demo` (one dataclass for every world: a world's own defaults come
+from its class in `inspo_core.worlds`), and the training config every demo run is built from."""
 
 from __future__ import annotations
 
@@ -13,25 +13,13 @@ from inspo_core.config import TrainConfig, opt
 from inspo_core.rundir import RunDir
 from inspo_core.objectives import OBJECTIVES
 from inspo_core.strategies import STRATEGIES
-from inspo_core.worlds.preferences import FAMILIES
-from inspo_core.worlds.sentiment import FAMILIES as SENTIMENT_FAMILIES
-
-WORLDS = ("token", "sentiment")
-# settings whose default depends on the world (None in DemoConfig means "the world's default")
-WORLD_DEFAULTS = {
-    "token": dict(seeds=[0, 1, 2, 3, 4], family="cyclic", strength=3.0, max_steps=375, batch_size=16, lr=3e-4, beta=0.5, max_length=96,
-                  n_eval=300, lora=0, context_format="sep"),
-    # a chat model: the alternative goes inside the assistant turn as text (template); `sep` would fall back
-    # to the end-of-turn token as separator, after which the model ends its turn
-    "sentiment": dict(seeds=[0, 1, 2], family="bradley_terry", strength=4.0, max_steps=30, batch_size=8, lr=1e-3, beta=0.1,
-                      max_length=192, n_eval=2, lora=16, context_format="template"),
-}
+from inspo_core.worlds.base import world_class, world_names
 
 
 @dataclass
 class DemoConfig:
     world: str = opt("token", "token: a synthetic world with a tiny LM (minutes); sentiment: SmolLM2-135M-Instruct "
-                     "with a VADER oracle (about 52 min on 2 CPU cores with the default none, symmetric x 3 seeds)", choices=list(WORLDS))
+                     "with a VADER oracle (see the README for its measured time)", choices=world_names())
     family: str | None = opt(None, "preference family (token: cyclic, bradley_terry, salience; sentiment: "
                              "bradley_terry, salience); default cyclic / bradley_terry")
     n_contexts: int = opt(4, "token world: prompts")
@@ -47,21 +35,27 @@ class DemoConfig:
     batch_size: int | None = opt(None, "pairs per step (default 16 / 8)")
     lr: float | None = opt(None, "peak learning rate (default 3e-4 / 1e-3 for LoRA)")
     beta: float | None = opt(None, "objective beta (default 0.5 / 0.1)")
+    betas: list | None = opt(None, "several betas: every objective x strategy x seed is trained at each (the "
+                             "reward-KL frontier); default: [beta]")
     lora: int | None = opt(None, "LoRA rank, 0 for full fine-tuning (default 0 / 16)")
-    packing: str = opt("padded", "padded or tree", choices=["padded", "tree"])
+    packing: str | None = opt(None, "padded or tree (default padded / tree)", choices=["padded", "tree"])
     context_format: str | None = opt(None, "how the alternative is shown (default sep / template)",
                                      choices=["sep", "raw", "template"])
     max_length: int | None = opt(None, "maximum tokens of one training sequence (default 96 / 192)")
     alpha_draft: float | None = opt(0.4, "cap on the context response as a fraction of max_length (null: none)")
     pretrain_steps: int = opt(300, "token world: steps of pre-training that make pi_ref")
-    n_eval: int | None = opt(None, "opponent samples per prompt when estimating V (default 300 / 2)")
-    n_train_prompts: int = opt(180, "sentiment world: training prompts (the rest are held out)")
-    n_eval_prompts: int = opt(32, "sentiment world: held-out prompts evaluated")
+    n_eval: int | None = opt(None, "opponents y' ~ pi_ref per prompt when estimating V (default 300 / 16)")
+    samples: int = opt(4, "sentiment world: samples per prompt of each measured policy, each compared with every "
+                       "opponent")
+    n_train_subjects: int = opt(60, "sentiment world: subjects whose 3 prompts are for training (the other subjects' "
+                                "prompts are held out)")
+    n_eval_prompts: int | None = opt(None, "sentiment world: held-out prompts evaluated (default: all)")
     pairs_per_prompt: int = opt(2, "sentiment world: labelled pairs per training prompt")
     max_new_tokens: int = opt(48, "sentiment world: answer length cap (tokens)")
-    kl_samples: int = opt(1, "sentiment world: samples per prompt at T = 1 for the KL / frontier estimate")
+    kl_samples: int = opt(4, "sentiment world: samples per prompt at T = 1 for the KL / frontier estimate")
     val_pairs: int = opt(24, "sentiment world: pairs held out for the validation loss")
-    frontier_checkpoint: bool = opt(True, "sentiment world: also measure the mid-training checkpoint (frontier)")
+    frontier_checkpoint: bool | None = opt(None, "sentiment world: also measure the mid-training checkpoint (a second "
+                                           "frontier point per run); default: when several betas are trained")
     temperature: float = opt(0.7, "sampling temperature of every evaluated policy, pi_ref's row included (paper: 0.7)")
     top_p: float = opt(0.95, "nucleus sampling of every evaluated policy (paper: 0.95)")
     reflective: bool = opt(True, "also measure pi(.|x, y') with y' from pi_ref (the conditioned class)")
@@ -74,9 +68,8 @@ class DemoConfig:
 
     def __post_init__(self):
         problems = []
-        if self.world not in WORLDS:
-            raise ValueError(f"invalid DemoConfig: world={self.world!r}; valid: {', '.join(WORLDS)}")
-        for k, v in WORLD_DEFAULTS[self.world].items():
+        world = world_class(self.world)
+        for k, v in world.demo_defaults.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
         bad = sorted(set(self.objectives) - set(OBJECTIVES))
@@ -85,40 +78,41 @@ class DemoConfig:
         bad = sorted(set(self.strategies) - set(STRATEGIES))
         if bad:
             problems.append(f"strategies {bad} unknown; valid: {', '.join(STRATEGIES)}")
-        families = FAMILIES if self.world == "token" else SENTIMENT_FAMILIES
-        if self.family not in families:
-            problems.append(f"family={self.family!r} in the {self.world} world; valid: {', '.join(families)}")
+        if self.family not in world.families:
+            problems.append(f"family={self.family!r} in the {self.world} world; valid: {', '.join(world.families)}")
         if not self.seeds:
             problems.append("seeds must name at least one seed")
-        self.seeds = [int(s) for s in self.seeds]
+        elif len(set(map(int, self.seeds))) != len(self.seeds):
+            problems.append(f"seeds {self.seeds} repeat a seed")
+        self.betas = [float(b) for b in (self.betas or [self.beta])]
+        if self.frontier_checkpoint is None:
+            self.frontier_checkpoint = len(self.betas) > 1
+        if any(not b > 0 for b in self.betas) or len(set(self.betas)) != len(self.betas):
+            problems.append(f"betas {self.betas} must be distinct numbers > 0")
+        if self.samples < 1 or self.kl_samples < 1:
+            problems.append("samples and kl_samples must be >= 1")
         if problems:
             raise ValueError("invalid DemoConfig:\n  - " + "\n  - ".join(problems))
+        self.seeds = [int(s) for s in self.seeds]
         if self.fast:
-            self.seeds = self.seeds[:2]
-            if self.world == "token":
-                self.n_pairs = min(self.n_pairs, 800)
-                self.max_steps = min(self.max_steps, 120)
-                self.n_eval = min(self.n_eval, 150)
-            else:
-                self.strategies = self.strategies[:2]
-                self.seeds = self.seeds[:1]
-                self.n_train_prompts = min(self.n_train_prompts, 24)
-                self.n_eval_prompts = min(self.n_eval_prompts, 8)
-                self.max_steps = min(self.max_steps, 6)
-                self.max_new_tokens = min(self.max_new_tokens, 24)
-                self.val_pairs = min(self.val_pairs, 4)
-                self.frontier_checkpoint = False
+            world.fast(self)
+
+
+def run_name(cfg: DemoConfig, objective: str, strategy: str, seed: int, beta: float) -> str:
+    """`<objective>-<strategy>-s<seed>`, with `-b<beta>` before the seed when the demo trains several betas."""
+    return f"{objective}-{strategy}" + (f"-b{beta:g}" if len(cfg.betas) > 1 else "") + f"-s{seed}"
 
 
 def run_config(cfg: DemoConfig, objective: str, strategy: str, seed: int, model: str | Path, data: str | Path,
-               **extra) -> TrainConfig:
-    """The TrainConfig of one demo run, `<output_dir>/<objective>-<strategy>-s<seed>`; `extra` holds
-    the world's own settings (validation, evaluation and checkpoint cadence)."""
+               beta: float | None = None, **extra) -> TrainConfig:
+    """The TrainConfig of one demo run, `<output_dir>/<run_name>`; `extra` holds the world's own
+    settings (validation, evaluation and checkpoint cadence)."""
+    beta = cfg.betas[0] if beta is None else beta
     return TrainConfig(model=str(model), data=str(data), objective=objective, strategy=strategy, seed=seed, w=cfg.w,
-                       beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps, lora=cfg.lora,
+                       beta=beta, lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.max_steps, lora=cfg.lora,
                        packing=cfg.packing, context_format=cfg.context_format, max_length=cfg.max_length,
                        alpha_draft=cfg.alpha_draft, dedup=False,
-                       output_dir=str(Path(cfg.output_dir) / f"{objective}-{strategy}-s{seed}"),
+                       output_dir=str(Path(cfg.output_dir) / run_name(cfg, objective, strategy, seed, beta)),
                        cache_dir=cfg.cache_dir, overwrite=cfg.overwrite, **extra)
 
 

@@ -140,7 +140,7 @@ def points(cfg: TransferConfig) -> list[dict]:
 
 
 def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
-    from workbench.demo import run_demo
+    from workbench.demo import make_world, run_demo
     from workbench.demo_config import DemoConfig
 
     hidden, layers = SIZES[point["size"]]
@@ -152,7 +152,8 @@ def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
                 cache_dir=cfg.cache_dir, resume=cfg.resume or (Path(cfg.output_dir) / point["name"]).is_dir())
     for k, v in point["setting"].items():
         (world if k in WORLD_KEYS else demo)[k] = v
-    return run_demo(DemoConfig(**demo), log=log, world_overrides=world)
+    demo_cfg = DemoConfig(**demo)  # the demo's own world, with the point's capacity and preferences
+    return run_demo(demo_cfg, log=log, world=make_world(demo_cfg, **world))
 
 
 def run_transfer(cfg: TransferConfig, log=print) -> dict:

@@ -1,22 +1,12 @@
 """Synthetic preference worlds with exact oracles: tabular (finite X, Y), token worlds (a tiny LM
-pi_ref on short texts) and the sentiment world (SmolLM2 as pi_ref, VADER behind the preference)."""
+pi_ref on short texts) and the sentiment world (SmolLM2 as pi_ref, VADER behind the preference).
+Token and sentiment worlds implement one interface (`inspo_core.worlds.base`), registered by name."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def load_world(doc: dict):
-    """A world from its world.json contents."""
-    doc = dict(doc)
-    if doc.pop("kind", "token") == "sentiment":
-        from inspo_core.worlds.sentiment import SentimentWorld, SentimentWorldConfig
-
-        return SentimentWorld(SentimentWorldConfig(**doc))
-    from inspo_core.worlds.token import TokenWorld, TokenWorldConfig
-
-    return TokenWorld(TokenWorldConfig(**doc))
+from inspo_core.worlds.base import WORLDS, load_world, read_world, world_class, world_names  # noqa: F401
 
 
 def world_of(model_dir: str | Path):
@@ -26,8 +16,9 @@ def world_of(model_dir: str | Path):
     from inspo_core.rundir import RunDir
 
     p = Path(model_dir)
-    if (p / "world.json").is_file():
-        return load_world(json.loads((p / "world.json").read_text())), p
+    world = read_world(p)
+    if world is not None:
+        return world, p
     run = RunDir.of_model(p)
     if run is None:
         return None
@@ -35,5 +26,5 @@ def world_of(model_dir: str | Path):
     ref = Path(str(conf.get("resolved_model", "")))
     for cand in (ref, Path(str(conf.get("data", ""))).parent):
         if str(cand) not in ("", ".") and (cand / "world.json").is_file():
-            return load_world(json.loads((cand / "world.json").read_text())), ref
+            return read_world(cand), ref
     return None

@@ -85,8 +85,10 @@ def _score(world, texts, ref_texts, n_boot, seed) -> dict:
     probs = np.array([world.preference(world.prompts[x], a, b)
                       for x in range(len(world.prompts)) for a, b in zip(texts[x], ref_texts[x])])
     res = {"n": int(len(probs)), "unparseable": item_distribution(world, texts)[1],
-           "mean_chars": float(np.mean([len(t) for row in texts for t in row]))}
+           "mean_chars": float(np.mean([len(t) for row in texts for t in row])), "cells": {}}
+    bounds = np.cumsum([0] + [len(texts[x]) for x in range(len(world.prompts))])
     for name, vals in psi_values(probs).items():
+        res["cells"][f"V_{name}"] = [float(vals[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:])]
         res[f"V_{name}"] = float(vals.mean())
         res[f"V_{name}_ci"] = list(bootstrap_ci(lambda i, v=vals: float(v[i].mean()), len(vals), n_boot=n_boot,
                                                 seed=seed))

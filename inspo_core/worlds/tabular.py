@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from inspo_core import theory
 from inspo_core.strategies import View, strategy_loss, strategy_views
+from inspo_core.worlds.preferences import make_preferences
 
 
 @dataclass
@@ -26,6 +28,11 @@ class TabularPolicy:
     def conditioned(self) -> np.ndarray:
         """pi(y | x, y'): [X, Y', Y]."""
         return torch.softmax(self.theta[:, 1:], -1).detach().double().numpy()
+
+    def marginal(self, pi_ref: np.ndarray) -> np.ndarray:
+        """m(y | x) = sum_y' pi_ref(y'|x) pi(y | x, y'): the conditioned policy distilled perfectly into a
+        prompt-only one. [X, Y]"""
+        return theory.marginalize(self.conditioned(), pi_ref)
 
 
 def sample_pairs(P: np.ndarray, pi_ref: np.ndarray, n: int, rng: np.random.Generator, rho=None):
@@ -104,3 +111,26 @@ def dpo_target(P: np.ndarray, pi_ref: np.ndarray, beta: float, iters: int = 500)
     opt.step(closure)
     logits = torch.log(ref.clamp_min(1e-12)) + c.detach() / beta
     return torch.softmax(logits, -1).numpy()
+
+
+def tabular_world(family: str, n_contexts: int = 4, n_items: int = 6, *, seed: int = 0, strength: float = 3.0,
+                  delta: float = 0.3, bt: float = 0.0, ref_concentration: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(P [X, Y, Y], pi_ref [X, Y]) for a preference family, drawn in the token world's order: the same seed
+    and settings give TokenWorld's P and its pi_gen (which the token world's pre-trained pi_ref imitates)."""
+    rng = np.random.default_rng(seed)
+    P = make_preferences(family, n_contexts, n_items, rng, strength=strength, delta=delta, bt=bt)["P"]
+    return P, rng.dirichlet(np.full(n_items, ref_concentration), size=n_contexts)
+
+
+def reflection_distillation(P: np.ndarray, pi_ref: np.ndarray, objective: str = "dpo", *, psi: theory.Psi = "identity",
+                            rho=None, **train) -> dict[str, float]:
+    """Train INS (strategy symmetric) and plain DPO-family (strategy none) tabular policies on the same pairs
+    (one seed, so one stream of sampled pairs) and return `theory.distillation_values` for them: every value
+    exact given the trained tables. `train` goes to `train_tabular` (beta, steps, batch_size, lr, seed, ...).
+
+    In this world the INS policy's deployed head is pi_ref exactly: the symmetric strategy reads only the
+    conditioned rows, so row 0 keeps its initial logits (log pi_ref unless init_from_ref=False)."""
+    ins = train_tabular(P, pi_ref, objective, "symmetric", rho=rho, **train)
+    dpo = train_tabular(P, pi_ref, objective, "none", rho=rho, **train)
+    return theory.distillation_values(P, pi_ref, ins_conditioned=ins.conditioned(), ins_plain=ins.plain(),
+                                      dpo_plain=dpo.plain(), psi=psi, rho=rho)

@@ -24,6 +24,7 @@ from inspo_core.atomic import atomic_path, atomic_write_text
 from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
 from inspo_core.models import load_model, load_tokenizer, tiny_llama, train_tokenizer
 from inspo_core.strategies import View
+from inspo_core.worlds.base import register
 from inspo_core.worlds.preferences import FAMILIES, make_preferences
 
 ITEMS = ["apple", "bread", "cheese", "dates", "eggs", "figs", "grapes", "honey", "jam", "kale", "lemon", "mango"]
@@ -70,7 +71,18 @@ class TokenWorldConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
+@register
 class TokenWorld:
+    """A tiny LM pi_ref over shopping recommendations, an exact preference over items."""
+
+    name = "token"
+    families = FAMILIES
+    config_class = TokenWorldConfig
+    demo_defaults = dict(seeds=[0, 1, 2, 3, 4], family="cyclic", strength=3.0, max_steps=375, batch_size=16, lr=3e-4,
+                         beta=0.5, max_length=96, n_eval=300, lora=0, context_format="sep", packing="padded")
+    prompts_sampled = False  # the prompts are the world's whole population
+    table_columns = [("unparseable", "deployed/unparseable", 11, ".3f")]
+
     def __init__(self, cfg: TokenWorldConfig):
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
@@ -81,6 +93,84 @@ class TokenWorld:
         self.P = self.params["P"]  # [X, Y, Y]
         self.pi_gen = rng.dirichlet(np.full(cfg.n_items, cfg.ref_concentration), size=cfg.n_contexts)
         self._item_re = re.compile(r"\b(" + "|".join(self.items) + r")\b")
+        self.clusters = list(range(len(self.prompts)))
+
+    # ---- the World interface (inspo_core.worlds.base) ---------------------------------------------
+    @classmethod
+    def from_demo(cls, cfg) -> "TokenWorld":
+        steps = min(cfg.pretrain_steps, 200) if cfg.fast else cfg.pretrain_steps
+        return cls(TokenWorldConfig(family=cfg.family, n_contexts=cfg.n_contexts, n_items=cfg.n_items,
+                                    strength=cfg.strength, seed=cfg.world_seed, pretrain_steps=steps))
+
+    @staticmethod
+    def fast(cfg) -> None:
+        cfg.seeds = cfg.seeds[:2]
+        cfg.n_pairs, cfg.max_steps, cfg.n_eval = min(cfg.n_pairs, 800), min(cfg.max_steps, 120), min(cfg.n_eval, 150)
+
+    def key(self) -> str:
+        return self.cfg.key()
+
+    def directory(self, cache_dir: str | Path) -> Path:
+        return Path(cache_dir) / "worlds" / self.cfg.key()
+
+    def save(self, directory: Path) -> None:
+        atomic_write_text(Path(directory) / "world.json", json.dumps(asdict(self.cfg), indent=1))
+
+    def reference(self, cache_dir: str | Path, log=print) -> Path:
+        return build_reference(self, cache_dir, log=log)
+
+    def pairs(self, cache_dir: str | Path, ref_dir: Path, seed: int, n_pairs: int, log=print) -> Path:
+        """n_pairs pairs sampled afresh for each training seed."""
+        return sample_pairs(self, ref_dir, n_pairs, ref_dir.parent / f"pairs-{n_pairs}-s{seed}.jsonl", seed=seed, log=log)
+
+    def opponents(self, cache_dir: str | Path, ref_dir: Path, n: int, log=print) -> list[list[str]]:
+        from inspo_core.worlds.evaluation import reference_samples
+
+        return reference_samples(self, ref_dir, n, seed=12345)  # seconds: not cached
+
+    def ceilings(self, opp: list[list[str]]) -> dict:
+        from inspo_core.worlds.evaluation import theory_ceilings
+
+        c = theory_ceilings(self, opp)
+        c["header"] = (f"Ceilings against the same opponents: pi_bar {c['identity']['pi_bar']:.3f}, "
+                       f"pi_star {c['identity']['pi_star']:.3f}.")
+        return c
+
+    def measure_settings(self, cfg) -> dict:
+        from inspo_core.conditioning import BuilderConfig
+
+        builder = BuilderConfig(context_format=cfg.context_format, max_length=cfg.max_length, alpha_draft=cfg.alpha_draft)
+        return {"temperature": cfg.temperature, "top_p": cfg.top_p, "n_eval": cfg.n_eval, "reflective": cfg.reflective,
+                "builder": asdict(builder)}
+
+    def measure(self, model_dir, ref_dir, opp, settings: dict, seed: int, log=print, frontier_only: bool = False) -> dict:
+        from inspo_core.worlds.evaluation import world_value
+
+        assert not frontier_only, "the token world has no reward: no frontier"
+        return world_value(self, model_dir, opp, seed=seed, reflective=settings["reflective"],
+                           builder=BuilderConfig(**settings["builder"]), temperature=settings["temperature"],
+                           top_p=settings["top_p"])
+
+    def run_settings(self, cfg) -> dict:
+        return dict(val_size=100, eval_every=max(1, cfg.max_steps // 5), log_every=5)
+
+    @staticmethod
+    def reference_seeds(seeds: list[int]) -> list[int]:
+        return list(seeds)
+
+    def describe(self, summary: dict) -> str:
+        import html
+
+        cfg, c = summary["config"], summary["ceilings"]["identity"]
+        return (f"<h1>InSPO Workbench demo: {html.escape(self.cfg.family)} world</h1>"
+                f"<p>{self.cfg.n_contexts} prompts, {self.cfg.n_items} items, "
+                f"{len(cfg['seeds'])} seed(s), {cfg['n_pairs']} pairs and {cfg['max_steps']} steps per run, "
+                f"beta {', '.join(map(str, cfg['betas']))}, lr {cfg['lr']}, context format {cfg['context_format']}; "
+                f"{summary['minutes']:.1f} minutes. V is the win rate against pi_ref samples under the world's exact "
+                f"preference; the best context-only policy reaches V(pi_bar) = {c['pi_bar']:.3f} and the best "
+                f"alternative-conditioned one V(pi_star) = {c['pi_star']:.3f}. The deployed model answers from the "
+                "prompt alone; 'reflective' lets the same model see a pi_ref sample y' first (not how it is "
+                "deployed: it shows what the conditioned views learned).</p>")
 
     # ---- the oracle -------------------------------------------------------------------------------
     def context(self, prompt: str) -> int:

@@ -1,0 +1,68 @@
+"""The World interface and its registry: what the demo runner, the transfer study, the judges and
+the app need of a preference world with an exact oracle.
+
+A world is a class registered under a name (`WORLDS`). The runner never asks which world it holds;
+everything that differs between worlds is one of these members:
+
+- `name`, `families`, `demo_defaults` (the demo settings whose default depends on the world),
+  `from_demo(cfg)` (the world a demo config describes) and `fast(cfg)` (what `--fast` shrinks);
+- `cfg` (a frozen dataclass with `key()`), `prompts` (the evaluation prompts), `preference(prompt, a,
+  b)` -> P(a > b | prompt) and `explain(prompt, a, b)` (the oracle), `save(directory)` (world.json);
+- `reference(cache_dir, log)` -> pi_ref's directory, `pairs(cache_dir, ref_dir, seed, n_pairs, log)`
+  -> a labelled pairs file, `opponents(cache_dir, ref_dir, n, log)` -> the y' ~ pi_ref every policy is
+  measured against (sampled once per world and cached under its key, shared by runs and seeds);
+- `ceilings(opponents)` (what the header of the table states: exact ceilings, or the opponents'
+  own reward), `measure(model_dir, ref_dir, opponents, settings, seed, log)` -> one row of
+  measurements with per-prompt `cells` (so the runner can pair runs by prompt and seed),
+  `frontier_point(...)` (KL and reward at T = 1, or None where the world has no reward);
+- `run_settings(cfg)` (the training settings the world needs besides the demo's own),
+  `reference_seeds(seeds)` (the seeds at which pi_ref's own row is measured), `table_columns`
+  (extra columns of the printed table) and `describe(summary)` (the report's first paragraph).
+
+A third world is one new module that defines such a class and registers it with `@register`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORLDS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: `cls` becomes available as world `cls.name`."""
+    assert cls.name not in WORLDS, f"world {cls.name!r} registered twice"
+    WORLDS[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    # importing the modules registers their worlds
+    import inspo_core.worlds.sentiment  # noqa: F401
+    import inspo_core.worlds.token  # noqa: F401
+
+
+def world_names() -> list[str]:
+    _load_builtin()
+    return list(WORLDS)
+
+
+def world_class(name: str) -> type:
+    _load_builtin()
+    if name not in WORLDS:
+        raise ValueError(f"unknown world {name!r}; valid: {', '.join(WORLDS)}")
+    return WORLDS[name]
+
+
+def load_world(doc: dict):
+    """A world from its world.json contents ({"kind": name, **config}; no kind: a token world)."""
+    doc = dict(doc)
+    cls = world_class(doc.pop("kind", "token"))
+    return cls(cls.config_class(**doc))
+
+
+def read_world(directory: str | Path):
+    """The world whose world.json sits in `directory`, or None."""
+    p = Path(directory) / "world.json"
+    return load_world(json.loads(p.read_text())) if p.is_file() else None
