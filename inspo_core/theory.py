@@ -186,3 +186,104 @@ def value_gaps(n_worlds: int, X: int, Y: int, *, kind: str = "general", psi: Psi
         out["pi_star_marginal"][i] = value(marginalize(star, ref), P, ref, psi)
         out["pi_ref"][i] = value(ref, P, ref, psi)
     return out
+
+
+# ---- How much of the reflection can reach a prompt-only (deployed) policy (issue 21; derivations in
+# `distillation_values`' docstring) ----------------------------------------------------------------------
+
+
+def adaptivity(pi_cond: np.ndarray, P: np.ndarray, pi_ref: np.ndarray, psi: Psi = "identity", rho=None) -> float:
+    """A(pi) = E_x E_{y'~pi_ref} E_{y~pi(.|x,y')} [Psi(P(y > y'|x)) - S(y; Psi, pi_ref)] = V(pi) - V(m).
+
+    pi_cond: [X, Y', Y]. Zero for a policy whose rows do not depend on y'.
+    """
+    G = psi_fn(psi)(P)  # [x, y, y']
+    excess = G - scores(P, pi_ref, psi)[:, :, None]  # [x, y, y']
+    per_x = np.einsum("xzy,xz,xyz->x", pi_cond, pi_ref, excess)
+    return float(per_x @ _rho(rho, P.shape[0]))
+
+
+def dominant_response(P: np.ndarray, psi: Psi = "identity", atol: float = 1e-12) -> np.ndarray:
+    """Per prompt, the response that is the unique maximiser of Psi(P(y > y'|x)) for every y', or -1. [X] int.
+
+    Where it exists, pi_star, its marginal and pi_bar all put all their mass on it (`distillation_values`, (d)).
+    """
+    G = psi_fn(psi)(P)  # [x, y, y']
+    best = G.max(1, keepdims=True)  # [x, 1, y']
+    is_best = G >= best - atol  # [x, y, y']
+    unique = is_best.sum(1) == 1  # [x, y']
+    always = is_best.all(2)  # [x, y]: best against every alternative
+    out = np.full(P.shape[0], -1)
+    ok = unique.all(1) & always.any(1)
+    out[ok] = always[ok].argmax(1)
+    return out
+
+
+def reflection_decomposition(pi_cond: np.ndarray, P: np.ndarray, pi_ref: np.ndarray, psi: Psi = "identity",
+                             rho=None) -> dict[str, float]:
+    """Exact values of a conditioned policy and of its distillation (the marginal). pi_cond: [X, Y', Y].
+
+    reflective: V(pi(.|x,y')) with y' ~ pi_ref, the policy playing against the alternative it sees (Sec. 2's V
+    over the class Pi of eq. 5); marginal: V(m) with m = sum_y' pi_ref(y'|x) pi(.|x,y') playing as a
+    prompt-only policy against a fresh y' ~ pi_ref; adaptivity: reflective - marginal (`adaptivity`);
+    pi_bar: V(pi_bar); marginal_regret: V(pi_bar) - V(m) >= 0.
+    """
+    v_bar = value(pi_bar(P, pi_ref, psi), P, pi_ref, psi, rho)
+    v_refl = value(pi_cond, P, pi_ref, psi, rho)
+    v_marg = value(marginalize(pi_cond, pi_ref), P, pi_ref, psi, rho)
+    return {"reflective": v_refl, "marginal": v_marg, "adaptivity": v_refl - v_marg, "pi_bar": v_bar,
+            "marginal_regret": v_bar - v_marg}
+
+
+def distillation_values(P: np.ndarray, pi_ref: np.ndarray, *, ins_conditioned: np.ndarray, ins_plain: np.ndarray,
+                        dpo_plain: np.ndarray, psi: Psi = "identity", rho=None) -> dict[str, float]:
+    """The table of issue 21 for one world: every value exact (V of Sec. 2, one Psi).
+
+    What the theory says. Write G = Psi(P) and S(y) = sum_y' pi_ref(y'|x) G(y, y') (the score of Prop. 3.1's
+    proof). For any alternative-conditioned pi with marginal m = marginalize(pi, pi_ref):
+
+    (a) V(m) = E_x sum_y m(y|x) S(y) <= E_x max_y S(y) = V(pi_bar): no distillation of any reflection into a
+        prompt-only policy beats pi_bar, the best of that class (Sec. 2). The gap is the marginal regret
+        E_x sum_y m(y|x) [max S - S(y)], zero iff m puts mass only on maximisers of S.
+    (b) V(pi) = V(m) + A(pi) (`adaptivity`): what pi earns by answering the alternative it sees rather than
+        the average one. A = 0 when pi ignores y' (then m = pi). A perfect distillation keeps V(m), loses A.
+    (c) For pi_star, V(m*) = E_x E_{y'~pi_ref} S(br(y')) (the mean score of the best responses to the
+        alternatives), and V(pi_star) - V(pi_bar) = A(pi_star) - [V(pi_bar) - V(m*)] >= 0 (Theorem 3.2 (ii)).
+        V(m*) is what distilling the *optimal* reflection gives; it can be below V(pi_bar) and even below what
+        a prompt-only method such as DPO reaches: only pi_bar bounds every distillation.
+    (d) Separable worlds. If for a prompt one response y* is the unique maximiser of G(., y') for every y'
+        (`dominant_response`), then pi_star(.|x,y') = delta_{y*} for every y', so m*(.|x) = delta_{y*}; and
+        S(y*) - S(y) = sum_y' pi_ref(y') [G(y*,y') - G(y,y')] > 0 for y != y*, so pi_bar(.|x) = delta_{y*}:
+        V(m*) = V(pi_bar) = V(pi_star), exactly. A Bradley-Terry P = sigma(c(y) - c(y')) with distinct c has
+        the dominant response argmax c under *every* strictly increasing Psi and every pi_ref: stronger than
+        Theorem 3.2 (iii), which asks Psi(P) = c(y) - c(y') of the Psi at hand.
+    (e) Cyclic worlds. When every response has one preferred to it (always in the `cyclic` family at bt = 0),
+        no response best-answers itself (P(y > y) = 1/2 < P(beater > y)), so there is no dominant response;
+        with pi_ref of full support the row y' = y then moves m*'s mass off y, so m*(.|x) is never a point
+        mass: it mixes >= 2 responses and V(m*) < V(pi_bar) unless all of them maximise S. With a
+        regular tournament (the `cyclic` family at bt = 0: each item beats as many as it loses to) and a
+        uniform pi_ref, S is constant, so every prompt-only policy (pi_bar, m*, DPO) is worth exactly
+        V(pi_ref): none of V(pi_star) - V(pi_ref) can reach a deployed policy.
+    (f) Context distillation, min_q E_{y'~pi_ref} KL(pi(.|x,y') || q), is minimised by q = m (the forward
+        KL's minimiser over a mixture of targets is the mixture), so V(m) (ins_marginal) is exactly the
+        deployed value that strategy converges to from a fixed conditioned policy.
+    In the tabular world the INS policy's deployed head is untouched by the symmetric loss, so
+    ins_deployed = V(pi_ref) there (`worlds.tabular.reflection_distillation`).
+
+    P: [X, Y, Y]; pi_ref, ins_plain (the INS policy's deployed head pi(y|x)), dpo_plain: [X, Y];
+    ins_conditioned: [X, Y', Y]. Keys: pi_ref, pi_bar, pi_star, dpo_deployed, ins_deployed, ins_reflective,
+    ins_marginal, pi_star_marginal, and bar_minus_star_marginal = V(pi_bar) - V(m*) >= 0 (what even a
+    perfect distillation of the optimal reflection leaves on the table), reachable_share =
+    (V(m*) - V(pi_ref)) / (V(pi_star) - V(pi_ref)) (nan when pi_star gains nothing) and
+    bar_share = (V(pi_bar) - V(pi_ref)) / (V(pi_star) - V(pi_ref)), the most any prompt-only policy keeps.
+    """
+    v = lambda pi: value(pi, P, pi_ref, psi, rho)  # noqa: E731
+    star = pi_star(P, psi)
+    out = {"pi_ref": v(pi_ref), "pi_bar": v(pi_bar(P, pi_ref, psi)), "pi_star": v(star),
+           "dpo_deployed": v(dpo_plain), "ins_deployed": v(ins_plain), "ins_reflective": v(ins_conditioned),
+           "ins_marginal": v(marginalize(ins_conditioned, pi_ref)), "pi_star_marginal": v(marginalize(star, pi_ref))}
+    out["bar_minus_star_marginal"] = out["pi_bar"] - out["pi_star_marginal"]
+    head = out["pi_star"] - out["pi_ref"]
+    out["reachable_share"] = (out["pi_star_marginal"] - out["pi_ref"]) / head if head > 1e-12 else float("nan")
+    out["bar_share"] = (out["pi_bar"] - out["pi_ref"]) / head if head > 1e-12 else float("nan")
+    return out

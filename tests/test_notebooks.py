@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 def test_notebooks_found_and_committed_without_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_invariance.ipynb", "02_gibbs_target.ipynb",
                                            "03_training_dynamics.ipynb", "04_ablations.ipynb", "05_overhead.ipynb",
-                                           "06_transfer.ipynb"]
+                                           "06_transfer.ipynb", "07_reflection_distillation.ipynb"]
     for p in NOTEBOOKS:
         nb = nbformat.read(p, as_version=4)
         assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), p.name
