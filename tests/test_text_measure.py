@@ -151,3 +151,42 @@ def test_measure_text_values_against_a_slow_recount(word_tok, tmp_path):
     assert d["kl"] != 0.0 and np.isfinite(d["kl"])
     same = se.measure_text(world, ref, ref, opp, m, builder=builder, seed=0, log=lambda s: None, frontier_only=True)
     assert same["deployed"]["kl"] == 0.0 and "V_identity" not in same["deployed"]
+
+
+@pytest.mark.parametrize("temperature,top_p,candidates", [(0.7, 0.95, 1024), (1.0, 1.0, 1024), (0.5, 0.9, 3),
+                                                          (1.3, 0.6, 2)])
+def test_nucleus_distribution_is_transformers_top_p(temperature, top_p, candidates):
+    """The sampler's distribution equals softmax of transformers' own temperature and top-p warpers, also
+    when the nucleus reaches past the ranked candidates (candidates 2-3 of 50: the full-sort fallback)."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from inspo_core.generation import nucleus_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=g) * 3
+    want = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_p < 1:
+        want = TopPLogitsWarper(top_p)(None, want)
+    torch.testing.assert_close(nucleus_probs(logits, temperature, top_p, candidates), want.softmax(-1),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_nucleus_sampler_draws_from_that_distribution():
+    """Frequencies of 20000 draws per row match the distribution (4 binomial sd), and a seed reproduces
+    the draws whatever the process-wide RNG does."""
+    from inspo_core.generation import NucleusSampler, nucleus_probs
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0], [0.0, 0.0, 0.1, 0.2, -5.0]])
+    n = 20000
+    rows = logits.repeat_interleave(n, 0)
+    out = NucleusSampler(temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))(None, rows.clone())
+    picked = out.argmax(-1).view(2, n)
+    assert torch.isinf(out).sum(-1).eq(4).all()
+    want = nucleus_probs(logits, 0.8, 0.9)
+    for r in range(2):
+        freq = torch.bincount(picked[r], minlength=5).float() / n
+        assert (freq - want[r]).abs().max() < 4 * math.sqrt(0.25 / n)
+        assert freq[want[r] == 0].sum() == 0
+    torch.manual_seed(123)
+    again = NucleusSampler(temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))(None, rows.clone())
+    assert torch.equal(again.argmax(-1).view(2, n), picked)
