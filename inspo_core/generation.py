@@ -30,6 +30,15 @@ def sample_from_ids(model, tok, ids: list[int], *, seed: int, **sampling) -> lis
     return [tok.decode(g[x.shape[1]:], skip_special_tokens=True).strip() for g in out]
 
 
+def sample_responses(model, tok, prompt: str, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
+                     max_new_tokens: int = 16, seed: int = 0) -> list[str]:
+    """n sampled completions of one prompt (a single batch, no padding needed), the prompt rendered
+    as the conditioning builder renders it in training."""
+    ids = ConditioningBuilder(tok, BuilderConfig(), [View("chosen")]).generation_ids(prompt)
+    return sample_from_ids(model, tok, ids, seed=seed, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, n=n)
+
+
 def context_length(model) -> int:
     """Tokens the model can attend to (its position table), 2048 when the config does not say."""
     return int(getattr(model.config, "max_position_embeddings", None) or 2048)

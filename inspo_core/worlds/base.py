@@ -19,7 +19,8 @@ everything that differs between worlds is one of these members:
   `reference_seeds(seeds)` (the seeds at which pi_ref's own row is measured), `table_columns`
   (extra columns of the printed table) and `describe(summary)` (the report's first paragraph).
 
-A third world is one new module that defines such a class and registers it with `@register`.
+A third world is one new module that defines such a class, registered with `register(cls)` (or named in
+`BUILTIN` by its module path, as the built-in ones are).
 """
 
 from __future__ import annotations
@@ -27,32 +28,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# the built-in worlds, by module path (imported when first asked for, so no world module imports this one)
+BUILTIN = {"token": "inspo_core.worlds.token:TokenWorld", "sentiment": "inspo_core.worlds.sentiment:SentimentWorld"}
 WORLDS: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Class decorator: `cls` becomes available as world `cls.name`."""
-    assert cls.name not in WORLDS, f"world {cls.name!r} registered twice"
+    """`cls` becomes available as world `cls.name` (usable as a class decorator)."""
+    assert cls.name not in WORLDS and cls.name not in BUILTIN, f"world {cls.name!r} registered twice"
     WORLDS[cls.name] = cls
     return cls
 
 
-def _load_builtin() -> None:
-    # importing the modules registers their worlds
-    import inspo_core.worlds.sentiment  # noqa: F401
-    import inspo_core.worlds.token  # noqa: F401
-
-
 def world_names() -> list[str]:
-    _load_builtin()
-    return list(WORLDS)
+    return [*BUILTIN, *WORLDS]
 
 
 def world_class(name: str) -> type:
-    _load_builtin()
-    if name not in WORLDS:
-        raise ValueError(f"unknown world {name!r}; valid: {', '.join(WORLDS)}")
-    return WORLDS[name]
+    if name in WORLDS:
+        return WORLDS[name]
+    if name not in BUILTIN:
+        raise ValueError(f"unknown world {name!r}; valid: {', '.join(world_names())}")
+    import importlib
+
+    module, _, attr = BUILTIN[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_world(doc: dict):

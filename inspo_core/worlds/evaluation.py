@@ -16,10 +16,9 @@ import torch
 from inspo_core import theory as th
 from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
 from inspo_core.evaluate import bootstrap_ci
-from inspo_core.generation import sample_from_ids
+from inspo_core.generation import sample_from_ids, sample_responses
 from inspo_core.models import load_model, load_tokenizer
 from inspo_core.strategies import View
-from inspo_core.worlds.token import TokenWorld, sample_responses
 
 LOG_ODDS_CLIP = 0.01  # log-odds of P clipped to [logit 0.01, logit 0.99] so unparseable texts stay finite
 
@@ -29,7 +28,7 @@ def psi_values(p: np.ndarray) -> dict[str, np.ndarray]:
     return {"identity": p, "log_odds": np.log(q / (1 - q))}
 
 
-def item_distribution(world: TokenWorld, texts_by_context: list[list[str]]) -> tuple[np.ndarray, float]:
+def item_distribution(world, texts_by_context: list[list[str]]) -> tuple[np.ndarray, float]:
     """Empirical pi(item | x) over parseable samples [X, Y], and the unparseable fraction."""
     counts = np.zeros((len(world.prompts), len(world.items)))
     bad = total = 0
@@ -45,12 +44,12 @@ def item_distribution(world: TokenWorld, texts_by_context: list[list[str]]) -> t
     return dist, bad / max(total, 1)
 
 
-def reference_samples(world: TokenWorld, ref_dir: str | Path, n: int, seed: int) -> list[list[str]]:
+def reference_samples(world, ref_dir: str | Path, n: int, seed: int) -> list[list[str]]:
     model, tok = load_model(str(ref_dir), dtype=torch.float32).eval(), load_tokenizer(str(ref_dir))
     return [sample_responses(model, tok, p, n, seed=seed * 7919 + x) for x, p in enumerate(world.prompts)]
 
 
-def world_value(world: TokenWorld, model_dir: str | Path, ref_texts: list[list[str]], *, temperature: float = 0.7,
+def world_value(world, model_dir: str | Path, ref_texts: list[list[str]], *, temperature: float = 0.7,
                 top_p: float = 0.95, seed: int = 0, reflective: bool = False, builder: BuilderConfig | None = None,
                 n_boot: int = 1000) -> dict:
     """V under identity and log-odds with bootstrap CIs, for the deployed policy (prompt only) and,
@@ -95,7 +94,7 @@ def _score(world, texts, ref_texts, n_boot, seed) -> dict:
     return res
 
 
-def theory_ceilings(world: TokenWorld, ref_texts: list[list[str]]) -> dict:
+def theory_ceilings(world, ref_texts: list[list[str]]) -> dict:
     """V of pi_ref, pi_bar and pi_star computed exactly against the opponent distribution the
     measured V uses: pi_ref's item distribution estimated from `ref_texts`, *including* its
     unparseable samples, which lose to any parseable answer exactly as the oracle scores them.

@@ -31,8 +31,6 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from inspo_core.worlds.base import register
-
 FAMILIES = ("bradley_terry", "salience")
 TEMPLATES = [
     "Write a one-sentence review of {s}.",
@@ -133,7 +131,6 @@ class SentimentWorldConfig:
         return hashlib.sha256(json.dumps({"kind": "sentiment", **asdict(self)}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@register
 class SentimentWorld:
     """SmolLM2 answers to review prompts, preferred by their VADER sentiment (see the module docstring)."""
 

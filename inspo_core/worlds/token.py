@@ -23,8 +23,8 @@ import torch
 from inspo_core.atomic import atomic_path, atomic_write_text
 from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
 from inspo_core.models import load_model, load_tokenizer, tiny_llama, train_tokenizer
+from inspo_core.generation import sample_responses  # noqa: F401  (re-exported: the worlds' sampler)
 from inspo_core.strategies import View
-from inspo_core.worlds.base import register
 from inspo_core.worlds.preferences import FAMILIES, make_preferences
 
 ITEMS = ["apple", "bread", "cheese", "dates", "eggs", "figs", "grapes", "honey", "jam", "kale", "lemon", "mango"]
@@ -71,7 +71,6 @@ class TokenWorldConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-@register
 class TokenWorld:
     """A tiny LM pi_ref over shopping recommendations, an exact preference over items."""
 
@@ -161,14 +160,16 @@ class TokenWorld:
     def describe(self, summary: dict) -> str:
         import html
 
-        cfg, c = summary["config"], summary["ceilings"]["identity"]
-        return (f"<h1>InSPO Workbench demo: {html.escape(self.cfg.family)} world</h1>"
+        cfg, c = summary["config"], summary["ceilings"]
+        ceil = (f"the best context-only policy reaches V(pi_bar) = {c['identity']['pi_bar']:.3f} and the best "
+                f"alternative-conditioned one V(pi_star) = {c['identity']['pi_star']:.3f}" if "identity" in c
+                else html.escape(c.get("header", "")))
+        return (f"<h1>InSPO Workbench demo: {html.escape(self.name)} world ({html.escape(self.cfg.family)})</h1>"
                 f"<p>{self.cfg.n_contexts} prompts, {self.cfg.n_items} items, "
                 f"{len(cfg['seeds'])} seed(s), {cfg['n_pairs']} pairs and {cfg['max_steps']} steps per run, "
                 f"beta {', '.join(map(str, cfg['betas']))}, lr {cfg['lr']}, context format {cfg['context_format']}; "
                 f"{summary['minutes']:.1f} minutes. V is the win rate against pi_ref samples under the world's exact "
-                f"preference; the best context-only policy reaches V(pi_bar) = {c['pi_bar']:.3f} and the best "
-                f"alternative-conditioned one V(pi_star) = {c['pi_star']:.3f}. The deployed model answers from the "
+                f"preference; {ceil}. The deployed model answers from the "
                 "prompt alone; 'reflective' lets the same model see a pi_ref sample y' first (not how it is "
                 "deployed: it shows what the conditioned views learned).</p>")
 
@@ -254,17 +255,6 @@ def build_reference(world: TokenWorld, cache_dir: str | Path, log=print) -> Path
         tok.save_pretrained(tmp)
         (tmp / "world.json").write_text(json.dumps(asdict(cfg), indent=1))
     return path
-
-
-def sample_responses(model, tok, prompt: str, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
-                     max_new_tokens: int = 16, seed: int = 0) -> list[str]:
-    """n sampled completions of one prompt (a single batch, no padding needed), the prompt rendered
-    as the conditioning builder renders it in training."""
-    from inspo_core.generation import sample_from_ids
-
-    ids = ConditioningBuilder(tok, BuilderConfig(), [View("chosen")]).generation_ids(prompt)
-    return sample_from_ids(model, tok, ids, seed=seed, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, n=n)
 
 
 def sample_pairs(world: TokenWorld, ref_dir: Path, n_pairs: int, out_path: Path, seed: int = 0, log=print) -> Path:
