@@ -19,10 +19,11 @@ being resumed from silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
+
+from inspo_core.fingerprint import file_sha256  # the one streaming file hash (no memo here: read in full)
 from typing import Any
 
 import torch
@@ -46,14 +47,6 @@ def is_sharded(accelerator) -> bool:
 # ---- verification ----------------------------------------------------------------------------------
 
 MANIFEST_FORMAT = 2  # {"format": 2, "files": {name: {"bytes": n, "sha256": hex}}}; format 1 was {name: n}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(path: Path) -> dict[str, Path]:
