@@ -19,7 +19,7 @@ from inspo_core.worlds.base import world_class, world_names
 @dataclass
 class DemoConfig:
     world: str = opt("token", "token: a synthetic world with a tiny LM (minutes); sentiment: SmolLM2-135M-Instruct "
-                     "with a VADER oracle (see the README for its measured time)", choices=world_names())
+                     "with a VADER oracle (see docs/sentiment.md for its measured time)", choices=world_names())
     family: str | None = opt(None, "preference family (token: cyclic, bradley_terry, salience; sentiment: "
                              "bradley_terry, salience); default cyclic / bradley_terry")
     n_contexts: int = opt(4, "token world: prompts")
