@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from inspo_core.conditioning import CONTEXT_FORMATS, PROMPT_FORMATS
-from inspo_core.objectives import OBJECTIVES, check_length_normalize, resolve_hparams
+from inspo_core.objectives import HPARAM_NAMES, OBJECTIVES, check_length_normalize, resolve_hparams
 from inspo_core.scoring import PACKINGS
 from inspo_core.sharding import SHARDINGS
 from inspo_core.strategies import REF_CONDITIONING, STRATEGIES
@@ -72,6 +72,8 @@ class TrainConfig:
     lam: float | None = opt(None, "ORPO lambda / CPO, SLiC, RRHF NLL weight")
     gamma: float | None = opt(None, "SimPO target margin / SLiC margin")
     label_smoothing: float | None = opt(None, "conservative / robust DPO label-noise rate")
+    lambda_d: float | None = opt(None, "KTO weight lambda_D of the desirable (chosen) term")
+    lambda_u: float | None = opt(None, "KTO weight lambda_U of the undesirable (rejected) term")
     # optimisation (Appendix D.1)
     batch_size: int = opt(4, "pairs per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
@@ -110,8 +112,7 @@ class TrainConfig:
     tiny_vocab: int = opt(512, "model=tiny: tokenizer vocabulary size")
 
     def objective_hparams(self) -> dict[str, float]:
-        names = ("beta", "tau", "alpha", "lam", "gamma", "label_smoothing")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in HPARAM_NAMES if getattr(self, k) is not None}
 
     def __post_init__(self):
         problems = []
@@ -133,6 +134,10 @@ class TrainConfig:
                 check_length_normalize(self.objective, self.length_normalize)
             except ValueError as e:
                 problems.append(str(e))
+        if self.objective in OBJECTIVES and OBJECTIVES[self.objective].batch_reference_point and self.batch_size < 2:
+            problems.append(f"objective {self.objective} with batch_size={self.batch_size}: its reference point z_ref is "
+                            "estimated over the micro-batch, and one pair's own rewards are no estimate; "
+                            "use batch_size >= 2 (KTO's authors use 32 and more)")
         if self.lora and self.ref_model not in (None, self.model):
             problems.append(f"ref_model={self.ref_model!r} with lora={self.lora}: a LoRA run's reference is its base "
                             "model with the adapters disabled; unset ref_model, or fine-tune fully (lora 0)")

@@ -42,6 +42,9 @@ class Objective:
     # normalises by |y| itself (a per-token term or margin): `length_normalize` is refused for it,
     # since dividing again would normalise twice
     normalizes_itself: bool = False
+    # reads a batch-level reference point (KTO's z_ref): the per-example losses of a batch are
+    # coupled through one detached scalar, and `kl_logratios` may be passed in
+    batch_reference_point: bool = False
 
     @property
     def accepts_length_normalize(self) -> bool:
@@ -132,6 +135,42 @@ def _rrhf(c, r, rc, rr, lc, lr, *, beta, lam):
     return LossOutput(losses, (beta * pc).detach(), (beta * pr).detach())
 
 
+# KTO with InSPO. The strategies feed KTO the same views as every other objective: under
+# `symmetric` the desirable term's reward is r_w = log pi(y_w|x, y_l) - log pi_ref(y_w|x) and the
+# undesirable term's r_l = log pi(y_l|x, y_w) - log pi_ref(y_l|x); `one_sided` conditions only y_w.
+# z_ref is estimated from the *same* views the term compares against it (conditioned under INS),
+# not from plain ones: z is the reference point of one implicit reward, and with a plain
+# reference the conditioned log-ratios carry the reflection gain log pi(y|x,y_alt) - log pi(y|x)
+# as an offset already at initialisation (pi = pi_ref). A z from plain views would sit near 0
+# while r_w and r_l sit near that gain, so sigma(beta (r_w - z)) and sigma(beta (z - r_l)) would
+# start unbalanced (one term saturated, the other not) for a reason unrelated to preference;
+# from the same views the offset cancels, as it does in a DPO margin.
+
+
+def kto_reference_point(logratios: Tensor) -> Tensor:
+    """KTO's z_ref (Ethayarajh et al. 2024, sec. 4): max(0, mean of log pi/pi_ref), a detached scalar.
+
+    `logratios` [M] are log pi(y'|x) - log pi_ref(y'|x) of the sequences the estimate uses: KTO's
+    mismatched pairs (y' from another example of the batch, as TRL's KTOTrainer builds them by
+    rotating completions by one), or, when the caller has no mismatched pass, the batch's own
+    desirable and undesirable log-ratios."""
+    assert logratios.numel() > 0, "KTO's reference point needs at least one log-ratio"
+    return logratios.detach().mean().clamp(min=0)
+
+
+def _kto(c, r, rc, rr, lc, lr, *, beta, lambda_d, lambda_u, kl_logratios=None):
+    # KTO (Ethayarajh et al. 2024, eq. 8) on paired data: each pair is one desirable (y_w) and one
+    # undesirable (y_l) example. r = log pi/pi_ref; z = max(0, KL estimate), batch-level, detached;
+    # desirable loss lambda_D (1 - sigma(beta (r_w - z))), undesirable lambda_U (1 - sigma(beta (z - r_l))).
+    # The per-pair loss is the mean of its two examples, so the batch mean equals KTO's expectation
+    # over all 2B examples (and TRL's mean over its concatenated desirable + undesirable losses).
+    rw, rl = c - rc, r - rr
+    z = kto_reference_point(torch.cat([rw, rl]) if kl_logratios is None else kl_logratios)
+    desirable = lambda_d * (1 - torch.sigmoid(beta * (rw - z)))
+    undesirable = lambda_u * (1 - torch.sigmoid(beta * (z - rl)))
+    return LossOutput(0.5 * (desirable + undesirable), (beta * rw).detach(), (beta * rl).detach())
+
+
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in [
@@ -161,6 +200,9 @@ OBJECTIVES: dict[str, Objective] = {
                   "hinge on the DPO margin, max(0, 1 - beta * margin)", "Liu et al. 2024 (RSO)"),
         Objective("robust", _robust, True, {"beta": 0.1, "label_smoothing": 0.1},
                   "robust DPO, unbiased under label noise rate label_smoothing", "Chowdhury et al. 2024"),
+        Objective("kto", _kto, True, {"beta": 0.1, "lambda_d": 1.0, "lambda_u": 1.0},
+                  "KTO: each pair as one desirable and one undesirable example against a batch reference "
+                  "point z_ref, weights lambda_d / lambda_u", "Ethayarajh et al. 2024", batch_reference_point=True),
     ]
 }
 
@@ -189,6 +231,7 @@ def resolve_hparams(name: str, hparams: dict[str, float]) -> dict[str, float]:
     out = dict(obj.hparams)
     out.update({k: float(v) for k, v in hparams.items() if k in obj.hparams})
     problems = [f"{k}={v} must be > 0" for k, v in out.items() if k in ("beta", "tau") and v <= 0]
+    problems += [f"{k}={v} must be >= 0" for k, v in out.items() if k in ("lambda_d", "lambda_u") and v < 0]
     if "label_smoothing" in out and not 0 <= out["label_smoothing"] < 0.5:
         problems.append(f"label_smoothing={out['label_smoothing']} must be in [0, 0.5)")
     if problems:
@@ -206,10 +249,14 @@ def preference_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     length_normalize: bool = False,
+    kl_logratios: Tensor | None = None,
     **hparams: float,
 ) -> LossOutput:
     """Per-example loss of objective `name`. All tensors [B]: *summed* target log-probs, and target
     token counts as lengths.
+
+    `kl_logratios` [M] (KTO only): log pi(y'|x) - log pi_ref(y'|x) of mismatched pairs, from which
+    z_ref is estimated as KTO does; without it KTO uses the batch's own 2B log-ratios.
 
     `length_normalize` feeds per-token mean log-probs (policy and reference, eq. 12/13) to an
     objective whose formula is on sums (dpo, ipo, rdpo, hinge, robust). Objectives that normalise
@@ -219,6 +266,9 @@ def preference_loss(
     obj = get_objective(name)
     hp = resolve_hparams(name, hparams)
     check_length_normalize(name, length_normalize)
+    if kl_logratios is not None and length_normalize:
+        raise ValueError("kl_logratios with length_normalize=true: the mismatched log-ratios are sums and the "
+                         "rewards would be per-token means; pass one or the other")
     if obj.needs_reference:
         if ref_chosen_logps is None or ref_rejected_logps is None:
             raise ValueError(f"objective {name!r} needs ref_chosen_logps and ref_rejected_logps")
@@ -228,19 +278,28 @@ def preference_loss(
         if obj.needs_lengths or length_normalize:
             raise ValueError(f"objective {name!r} needs chosen_lengths and rejected_lengths")
         chosen_lengths = rejected_lengths = torch.ones_like(chosen_logps)
+    if kl_logratios is not None and not obj.batch_reference_point:
+        with_z = ", ".join(n for n, o in OBJECTIVES.items() if o.batch_reference_point)
+        raise ValueError(f"kl_logratios given to objective {name!r}, which has no reference point z_ref; "
+                         f"drop it (it applies to: {with_z})")
     return apply_objective(obj, hp, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                           chosen_lengths, rejected_lengths, length_normalize=length_normalize)
+                           chosen_lengths, rejected_lengths, length_normalize=length_normalize,
+                           kl_logratios=kl_logratios)
 
 
 def apply_objective(obj: Objective, hp: dict[str, float], c: Tensor, r: Tensor, rc: Tensor | None,
-                    rr: Tensor | None, lc: Tensor, lr: Tensor, *, length_normalize: bool = False) -> LossOutput:
+                    rr: Tensor | None, lc: Tensor, lr: Tensor, *, length_normalize: bool = False,
+                    kl_logratios: Tensor | None = None) -> LossOutput:
     """`obj` on already validated inputs (see `preference_loss`): no name lookups, for hot loops.
-    A None reference (reference-free objectives) is zeros."""
+    A None reference (reference-free objectives) is zeros. `kl_logratios` [M] reaches only objectives
+    with a batch reference point (KTO), which then estimate z_ref from it."""
     if rc is None or rr is None:
         rc = rr = torch.zeros_like(c)
     lc, lr = lc.to(c.dtype), lr.to(c.dtype)
     if length_normalize:  # eq. 13: (1/|y|) log pi(y|.)
         c, r, rc, rr = c / lc, r / lr, rc / lc, rr / lr
+    if obj.batch_reference_point and kl_logratios is not None:
+        return obj.fn(c, r, rc, rr, lc, lr, kl_logratios=kl_logratios, **hp)
     return obj.fn(c, r, rc, rr, lc, lr, **hp)
 
 

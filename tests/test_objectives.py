@@ -56,7 +56,21 @@ def scalar_loss(name, c, r, rc, rr, lc, lr, hp):
         return max(0.0, hp["gamma"] - c + r) - hp["lam"] * c / lc
     if name == "rrhf":
         return max(0.0, r / lr - c / lc) - hp["lam"] * c / lc
+    if name == "kto":  # z_ref is batch-level: see scalar_batch
+        sig = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+        z = hp["z"]
+        return 0.5 * (hp["lambda_d"] * (1 - sig(b * ((c - rc) - z))) + hp["lambda_u"] * (1 - sig(b * (z - (r - rr)))))
     raise AssertionError(name)
+
+
+def scalar_batch(name, rows, hp, kl=None):
+    """scalar_loss over a batch of rows (c, r, rc, rr, lc, lr). KTO's z_ref = max(0, mean log-ratio) over
+    the mismatched log-ratios `kl` when given, else over the batch's 2B own log-ratios."""
+    if name == "kto":
+        own = [c - rc for c, r, rc, rr, *_ in rows] + [r - rr for c, r, rc, rr, *_ in rows]
+        pool = own if kl is None else kl
+        hp = {**hp, "z": max(0.0, sum(pool) / len(pool))}
+    return [scalar_loss(name, *row, hp) for row in rows]
 
 
 def tensors():
@@ -104,7 +118,7 @@ def test_orpo_by_hand():
 def test_every_objective_matches_scalar_formula(name):
     hp = resolve_hparams(name, {})
     out = call(name)
-    want = [scalar_loss(name, *ex, hp) for ex in EX]
+    want = scalar_batch(name, EX, hp)
     assert_close(out.losses, torch.tensor(want, dtype=torch.float64), atol=1e-9, rtol=1e-9)
     assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
 
@@ -131,7 +145,7 @@ def test_reference_objective_without_reference_is_an_error():
 
 def test_unknown_names_list_valid_ones():
     with pytest.raises(ValueError, match="valid objectives: dpo, ipo"):
-        call("kto")
+        call("dpoo")
     with pytest.raises(ValueError, match="valid names: " + ", ".join(HPARAM_NAMES)):
         call("dpo", betta=0.1)
     with pytest.raises(ValueError, match="beta=-1.0 must be > 0"):
@@ -215,12 +229,13 @@ def test_every_objective_with_every_strategy(objective, strategy):
     ref = view_logps(1)
     out = strategy_loss(objective, strategy, policy_logps=pol, ref_logps=ref, lengths=LENGTHS)
     hp = resolve_hparams(objective, {})
+    want = [0.0] * 3
+    for wt, c, r in PAPER_TERMS[strategy]:
+        rows = [(pol[c][i].item(), pol[r][i].item(), ref[c.plain][i].item(), ref[r.plain][i].item(),
+                 LENGTHS["chosen"][i].item(), LENGTHS["rejected"][i].item()) for i in range(3)]
+        want = [w + wt * x for w, x in zip(want, scalar_batch(objective, rows, hp))]
     for i in range(3):
-        lc, lr = LENGTHS["chosen"][i].item(), LENGTHS["rejected"][i].item()
-        want = sum(wt * scalar_loss(objective, pol[c][i].item(), pol[r][i].item(), ref[c.plain][i].item(),
-                                    ref[r.plain][i].item(), lc, lr, hp)
-                   for wt, c, r in PAPER_TERMS[strategy])
-        assert_close(out.losses[i].item(), want, atol=1e-9, rtol=1e-9)
+        assert_close(out.losses[i].item(), want[i], atol=1e-9, rtol=1e-9)
     out.losses.sum().backward()
     used = {v for _, c, r in PAPER_TERMS[strategy] for v in (c, r)}
     for v, t in pol.items():
@@ -240,7 +255,7 @@ def test_length_normalize_against_the_scalar_formulas(name):
             preference_loss(name, **kw)
         return
     hp = resolve_hparams(name, {})
-    want = [scalar_loss(name, c_ / l_c, r_ / l_r, rc_ / l_c, rr_ / l_r, l_c, l_r, hp) for c_, r_, rc_, rr_, l_c, l_r in EX]
+    want = scalar_batch(name, [(c_ / l_c, r_ / l_r, rc_ / l_c, rr_ / l_r, l_c, l_r) for c_, r_, rc_, rr_, l_c, l_r in EX], hp)
     assert_close(preference_loss(name, **kw).losses, torch.tensor(want, dtype=torch.float64), atol=1e-9, rtol=1e-9)
 
 
@@ -249,3 +264,87 @@ def test_reflection_gain():
     want = ((pol[W_GIVEN_L] - pol[W_PLAIN]) + (pol[L_GIVEN_W] - pol[L_PLAIN])) / 2
     assert_close(reflection_gain(pol), want)
     assert reflection_gain({W_PLAIN: pol[W_PLAIN], L_PLAIN: pol[L_PLAIN]}) is None
+
+
+# ---- KTO -----------------------------------------------------------------------------------------
+
+def test_kto_by_hand_with_mismatched_log_ratios():
+    """EX gives r_w = (0.5, -1.0), r_l = (-2.0, 1.5). Mismatched log-ratios (0.3, 0.9): z = 0.6.
+    beta 0.5, lambda_D 1, lambda_U 2. Example 0: desirable 1 - sigma(0.5 (0.5 - 0.6)) = 1 - sigma(-0.05)
+    = 0.512497; undesirable 2 (1 - sigma(0.5 (0.6 + 2.0))) = 2 (1 - sigma(1.3)) = 0.428330; the pair's
+    loss is their mean 0.470414. Example 1: 1 - sigma(-0.8) = 0.689974, 2 (1 - sigma(-0.45)) = 1.221278,
+    mean 0.955626. Rewards beta r: (0.25, -0.5) and (-1.0, 0.75)."""
+    c, r, rc, rr, lc, lr = tensors()
+    out = preference_loss("kto", chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                          kl_logratios=torch.tensor([0.3, 0.9], dtype=torch.float64), beta=0.5, lambda_d=1.0,
+                          lambda_u=2.0)
+    assert_close(out.losses, torch.tensor([0.470414, 0.955626], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert_close(out.chosen_rewards, torch.tensor([0.25, -0.5], dtype=torch.float64))
+    assert_close(out.rejected_rewards, torch.tensor([-1.0, 0.75], dtype=torch.float64))
+
+
+def test_kto_reference_point_is_clamped_detached_and_batch_level():
+    """z = max(0, mean): a negative mean gives z = 0 (the loss then equals the z = 0 formula); no gradient
+    flows through z, so d loss_i / d c_i = -0.5 lambda_D beta sigma'(beta (r_w,i - z)) exactly; without
+    mismatched log-ratios, changing example 1 changes example 0's loss (through z) when z > 0."""
+    c, r, rc, rr, lc, lr = tensors()
+    kw = dict(rejected_logps=r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.5)
+    neg = preference_loss("kto", chosen_logps=c, kl_logratios=torch.tensor([-1.0, 0.2], dtype=torch.float64), **kw)
+    zero = preference_loss("kto", chosen_logps=c, kl_logratios=torch.zeros(1, dtype=torch.float64), **kw)
+    assert_close(neg.losses, zero.losses)
+    rw = (c - rc)
+    sig = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    for kl, z in [(torch.tensor([0.3, 0.9], dtype=torch.float64), 0.6), (None, 0.0)]:
+        cg = c.clone().requires_grad_(True)
+        extra = {} if kl is None else {"kl_logratios": kl.clone().requires_grad_(True)}
+        preference_loss("kto", chosen_logps=cg, **kw, **extra).losses.sum().backward()
+        want = [-0.5 * 0.5 * sig(0.5 * (x - z)) * (1 - sig(0.5 * (x - z))) for x in rw.tolist()]
+        assert_close(cg.grad, torch.tensor(want, dtype=torch.float64))
+        if kl is not None:
+            assert extra["kl_logratios"].grad is None
+    # batch coupling through the matched estimate: raise example 1's chosen so the mean log-ratio is > 0
+    c2 = c.clone()
+    c2[1] = 10.0
+    a = preference_loss("kto", chosen_logps=c2, **kw).losses[0]
+    c3 = c2.clone()
+    c3[1] = 20.0
+    b = preference_loss("kto", chosen_logps=c3, **kw).losses[0]
+    assert a.item() != b.item()
+
+
+def test_kto_symmetric_takes_z_from_the_conditioned_views():
+    """At initialisation (policy = reference) with a reflection gain g > 0 on every conditioned view,
+    symmetric INS-KTO has r_w = r_l = g; z from the same views is g, so each term is
+    lambda (1 - sigma(0)) = lambda / 2, as for plain KTO at initialisation: the offset cancels."""
+    plain = -torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 5
+    g = 0.8
+    pol = {W_PLAIN: plain, L_PLAIN: plain - 1, W_GIVEN_L: plain + g, L_GIVEN_W: plain - 1 + g}
+    ref = {W_PLAIN: plain, L_PLAIN: plain - 1}
+    lengths = {"chosen": torch.ones(4), "rejected": torch.ones(4)}
+    for strategy in ("none", "symmetric"):
+        out = strategy_loss("kto", strategy, policy_logps=pol, ref_logps=ref, lengths=lengths, lambda_u=3.0)
+        assert_close(out.losses, torch.full((4,), 0.5 * (0.5 + 1.5), dtype=torch.float64))
+
+
+def test_kto_inputs_are_checked():
+    c, r, rc, rr, lc, lr = tensors()
+    kw = dict(chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc, ref_rejected_logps=rr)
+    with pytest.raises(ValueError, match="kl_logratios given to objective 'dpo'.*applies to: kto"):
+        preference_loss("dpo", kl_logratios=torch.zeros(2), **kw)
+    with pytest.raises(ValueError, match="lambda_u=-1.0 must be >= 0"):
+        preference_loss("kto", lambda_u=-1, **kw)
+    with pytest.raises(ValueError, match="kl_logratios with length_normalize"):
+        preference_loss("kto", kl_logratios=torch.zeros(2), length_normalize=True, chosen_lengths=lc,
+                        rejected_lengths=lr, **kw)
+    with pytest.raises(ValueError, match="needs ref_chosen_logps"):
+        preference_loss("kto", chosen_logps=c, rejected_logps=r)
+
+
+def test_kto_config_fields():
+    from inspo_core.config import TrainConfig
+
+    assert TrainConfig(objective="kto", lambda_d=1.3, beta=0.2).objective_hparams() == {"beta": 0.2, "lambda_d": 1.3}
+    with pytest.raises(ValueError, match="batch_size=1.*batch_size >= 2"):
+        TrainConfig(objective="kto", batch_size=1)
+    with pytest.raises(ValueError, match="lambda_d=-2.0 must be >= 0"):
+        TrainConfig(objective="kto", lambda_d=-2.0)
