@@ -226,8 +226,8 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):
-    res = run_cli("--objective", "kto", "--output_dir", str(tmp_path))
-    assert res.returncode == 2 and "invalid choice: 'kto'" in res.stderr
+    res = run_cli("--objective", "dpoo", "--output_dir", str(tmp_path))
+    assert res.returncode == 2 and "invalid choice: 'dpoo'" in res.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 0.1\nlearning_rate: 3\n")
     res = run_cli("--config", str(bad))
