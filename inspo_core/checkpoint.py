@@ -40,10 +40,6 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def is_sharded(accelerator) -> bool:
-    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-
-
 # ---- verification ----------------------------------------------------------------------------------
 
 MANIFEST_FORMAT = 2  # {"format": 2, "files": {name: {"bytes": n, "sha256": hex}}}; format 1 was {name: n}
@@ -161,7 +157,7 @@ def prune_checkpoints(run: RunDir, keep: int) -> list[Path]:
 
 # ---- saving ----------------------------------------------------------------------------------------
 
-def _write_model(lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
+def write_model(lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
     model = lm
     if merge_lora and hasattr(lm, "merge_and_unload"):
         import copy
@@ -194,7 +190,7 @@ def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str
     return out
 
 
-def _save_gathered(lm, tokenizer, path: Path, state: dict[str, torch.Tensor]) -> None:
+def save_gathered(lm, tokenizer, path: Path, state: dict[str, torch.Tensor]) -> None:
     """Save a gathered full state dict as a plain HF model: the model is rebuilt from its config on the
     meta device and the tensors are assigned (no second load of the weights)."""
     from transformers import AutoModelForCausalLM
@@ -217,52 +213,28 @@ def _save_gathered(lm, tokenizer, path: Path, state: dict[str, torch.Tensor]) ->
     tokenizer.save_pretrained(path)
 
 
-def save_model(accelerator, scorer, lm, tokenizer, path: Path, *, merge_lora: bool = False) -> None:
-    """HF-loadable weights of `lm` (gathered across shards) into `path`, atomically (main process
-    writes). Raises CheckpointError when the directory cannot be written."""
-    from inspo_core.sharding import full_state_dict, is_fsdp
-
-    if is_fsdp(scorer):  # FSDP2: every rank takes part in the gather; rank 0 writes one plain checkpoint
-        state = full_state_dict(scorer)
-        if accelerator.is_main_process:
-            try:
-                with atomic_path(path, directory=True) as tmp:
-                    _save_gathered(lm, tokenizer, tmp, state)
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"could not save the model to {path}: {e}") from e
-        accelerator.wait_for_everyone()
-        return
-    state = accelerator.get_state_dict(scorer) if is_sharded(accelerator) else None
+def save_model(accelerator, engine, scorer, lm, tokenizer, path: Path, *, merge_lora: bool = False) -> None:
+    """HF-loadable weights of `lm` into `path`, atomically: every rank takes part in the engine's gather, the
+    main process writes. Raises CheckpointError when the directory cannot be written."""
+    state = engine.gathered_state(accelerator, scorer)
     if accelerator.is_main_process:
         try:
             with atomic_path(path, directory=True) as tmp:
-                _write_model(lm, tokenizer, tmp, state, merge_lora=merge_lora)
+                engine.write_model(lm, tokenizer, tmp, state, merge_lora=merge_lora)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"could not save the model to {path}: {e}") from e
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator, scorer, lm, tokenizer, optimizer, scheduler, run: RunDir,
+def save_checkpoint(accelerator, engine, scorer, lm, tokenizer, optimizer, scheduler, run: RunDir,
                     step: int, trainer_state: dict[str, Any]) -> Path:
-    from inspo_core.sharding import is_fsdp, save_sharded
-
     final = run.checkpoint(step)
     tmp = final.with_name(f".step-{step}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if is_fsdp(scorer):  # every rank writes its own shards of model and optimizer state (DCP), no gather
-        save_sharded(scorer, optimizer, tmp / "dcp")
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(tmp)
-    elif is_sharded(accelerator):  # DeepSpeed ZeRO-3: its own checkpoint, each rank its partitions, no gather
-        accelerator.save_state(str(tmp / "accelerate_state"))
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(tmp)
-    elif accelerator.is_main_process:
-        _write_model(lm, tokenizer, tmp, None, merge_lora=False)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    engine.save_state(accelerator, scorer, lm, tokenizer, optimizer, tmp)
     # every rank's shards are on disk before the main process lists and hashes them into the manifest
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -280,17 +252,10 @@ def save_checkpoint(accelerator, scorer, lm, tokenizer, optimizer, scheduler, ru
     return final
 
 
-def load_trainer_state(accelerator, ckpt: Path, optimizer, scheduler, scorer=None) -> dict[str, Any]:
-    """Optimizer, scheduler and RNG from `ckpt` (weights are loaded when the model is built, except
-    for FSDP2 checkpoints, whose model and optimizer shards are read here into `scorer`)."""
-    if (ckpt / "dcp").is_dir():
-        from inspo_core.sharding import load_sharded
-
-        load_sharded(scorer, optimizer, ckpt / "dcp")
-    elif is_sharded(accelerator):
-        accelerator.load_state(str(ckpt / "accelerate_state"))
-    else:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+def load_trainer_state(accelerator, engine, ckpt: Path, optimizer, scheduler, scorer) -> dict[str, Any]:
+    """Optimizer, scheduler and RNG from `ckpt`, and the weights where the engine's checkpoint holds shards
+    (otherwise they were loaded when the model was built)."""
+    engine.load_state(accelerator, scorer, optimizer, ckpt)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     state = read_state(ckpt)
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))

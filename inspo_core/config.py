@@ -18,7 +18,7 @@ import yaml
 from inspo_core.conditioning import CONTEXT_FORMATS, PROMPT_FORMATS
 from inspo_core.objectives import HPARAM_NAMES, OBJECTIVES, check_length_normalize, resolve_hparams
 from inspo_core.scoring import PACKINGS
-from inspo_core.sharding import SHARDINGS
+from inspo_core.engines import ENGINES
 from inspo_core.strategies import REF_CONDITIONING, STRATEGIES
 
 
@@ -88,10 +88,16 @@ class TrainConfig:
     lora: int = opt(0, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: float | None = opt(None, "LoRA alpha (default 2 * rank)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
-    sharding: str = opt("none", "none: every process holds the whole model (DDP when launched on several); fsdp2: "
-                        "parameters, gradients and optimizer state sharded per decoder layer (FSDP2, CPU or GPU); "
-                        "zero3: DeepSpeed ZeRO-3 (pip install deepspeed)", choices=list(SHARDINGS))
-    bf16: bool = opt(False, "bf16 autocast (where the hardware supports it)")
+    sharding: str = opt("auto", "the training engine; auto: the one the launcher's accelerate config names "
+                               "(distributed_type DEEPSPEED with zero_stage 3: zero3; FSDP with fsdp_version 2: "
+                               "fsdp2), else none. "
+                               + "; ".join(f"{n}: {e.summary}" for n, e in ENGINES.items())
+                               + ". Naming another engine than the launcher's config is an error (its processes were "
+                               "started for that engine): drop the flag, or launch with the matching "
+                               "configs/accelerate/*.yaml", choices=["auto", *ENGINES])
+    bf16: bool | None = opt(None, "bf16 autocast (DeepSpeed: its bf16 mode); default: the launcher's accelerate config "
+                            "(mixed_precision bf16 or no; fp32 without a launcher). An explicit true/false wins over "
+                            "the launcher's mixed_precision, and the log says so naming both")
     logps_chunk_mb: float = opt(256, "memory budget of one fp32 logits chunk in the log-prob engine")
     packing: str = opt("tree", "tree: every view of a pair in one prefix tree, attention per tree segment (the "
                        "faster exact path, measured in workbench bench); padded: one row per view",
@@ -127,7 +133,7 @@ class TrainConfig:
         choice("context_format", list(CONTEXT_FORMATS))
         choice("prompt_format", list(PROMPT_FORMATS))
         choice("packing", list(PACKINGS))
-        choice("sharding", list(SHARDINGS))
+        choice("sharding", ["auto", *ENGINES])
         if self.objective in OBJECTIVES:
             try:
                 resolve_hparams(self.objective, self.objective_hparams())

@@ -65,3 +65,44 @@ class _MainFirst:
         if self.procs.is_main_process:
             self.procs.wait_for_everyone()
         return False
+
+
+SHARED_PROBE = ".shared-dir-probe"
+
+
+def check_shared_directory(procs: Processes, path, what: str = "run directory") -> None:
+    """Every process must see the main process's `path` (a directory): a file the main process writes there is
+    read back by all of them after a barrier. With node-local disks a rank would otherwise write its checkpoint
+    shards where no other node sees them, and node 0's checkpoint would look complete holding part of the state.
+    Raises ValueError on every rank when any rank does not see it. A no-op in one process."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    if procs.num_processes == 1:
+        return
+    probe = Path(path) / SHARED_PROBE
+    nonce = secrets.token_hex(16)
+    if procs.is_main_process:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(nonce)
+    # the nonce travels over the process group, not the disk, so every rank knows what it should read
+    sent = [nonce if procs.is_main_process else None]
+    dist.broadcast_object_list(sent, src=0)
+    try:
+        seen = probe.read_text() == sent[0]
+    except OSError:
+        seen = False
+    views = [None] * procs.num_processes
+    dist.all_gather_object(views, (procs.process_index, os.uname().nodename, str(Path(path).resolve()), seen))
+    procs.wait_for_everyone()
+    if procs.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [v for v in views if not v[3]]
+    if blind:
+        who = ", ".join(f"rank {r} on {host} ({p})" for r, host, p, _ in blind)
+        raise ValueError(
+            f"{len(blind)} of {procs.num_processes} processes do not see the main process's {what} {path}: a file "
+            f"rank 0 wrote there is missing or different for {who}. Every node must see the same {what} (each "
+            "rank writes its own checkpoint shards into it): put output_dir on a filesystem shared by all nodes "
+            "(NFS, Lustre, the cluster's shared scratch)")

@@ -21,6 +21,8 @@ from inspo_core.catalog import resolve_model
 from inspo_core.checkpoint import intact_checkpoints, read_state
 from inspo_core.conditioning import BuilderConfig, BuiltPair, ConditioningBuilder
 from inspo_core.config import TrainConfig
+from inspo_core.distributed import check_shared_directory
+from inspo_core.engines import Engine
 from inspo_core.data import load_rows, prepare_rows, split_rows
 from inspo_core.models import build_tiny, load_model, load_tokenizer
 from inspo_core.refcache import RefCache, RefStats, compute_ref_logps
@@ -36,6 +38,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class TrainPlan:
     cfg: TrainConfig
     method: Method  # objective x strategy, resolved once
+    engine: Engine  # how the policy is held across processes, chosen once (inspo_core.engines)
     eval_views: tuple[View, ...]  # validation scores the plain views too, for the reflection metrics
     run: RunDir
     model_source: str  # a directory or hub name the policy (and the reference) come from
@@ -53,11 +56,14 @@ class TrainPlan:
     config_record: dict  # what config.yaml and every checkpoint record
 
 
-def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Module]:
-    """(plan, policy on the accelerator's device, not yet wrapped by `accelerator.prepare`)."""
+def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = "") -> tuple[TrainPlan, torch.nn.Module]:
+    """(plan, policy on the accelerator's device, not yet wrapped by the engine). `cfg` is resolved (its
+    sharding names `engine`); `launcher` describes what chose it, for the run's record."""
+    assert cfg.sharding == engine.name, (cfg.sharding, engine)
     run = RunDir(cfg.output_dir)
     run.check_usable()
     resume_from = _choose_start(cfg, run, acc, say)
+    check_shared_directory(acc, run.path)
     method = resolve_method(cfg.objective, cfg.strategy, w=cfg.w, ref_conditioning=cfg.ref_conditioning,
                             length_normalize=cfg.length_normalize, **cfg.objective_hparams())
     train_rows, val_rows = _load_data(cfg, say)
@@ -85,11 +91,11 @@ def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Modul
     per_epoch = len(train_pairs) // global_batch
     total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch))
 
-    # a sharded checkpoint (FSDP2, ZeRO-3) holds shards, not a model: start from the source; the trainer reads
+    # a sharded checkpoint (FSDP2, ZeRO-3) holds shards, not a model: start from the source; the engine reads
     # the shards into the sharded model
-    sharded_resume = resume_from is not None and any((resume_from / d).is_dir() for d in ("dcp", "accelerate_state"))
-    with _whole_weights(acc):
-        policy = _load_policy(cfg, source, None if sharded_resume else resume_from)
+    from_ckpt = resume_from if engine.checkpoint_holds_model else None
+    with engine.load_context(acc):
+        policy = _load_policy(cfg, source, from_ckpt)
     if cfg.packing == "tree":  # attention per tree segment instead of a dense mask over packed rows
         use_tree_attention(policy)
     if cfg.gradient_checkpointing:
@@ -99,10 +105,12 @@ def prepare(cfg: TrainConfig, acc, say=print) -> tuple[TrainPlan, torch.nn.Modul
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.to(acc.device)
-    ref_train, ref_val, ref_stats = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, say,
-                                               fresh=resume_from is None)
-    record = dataclasses.asdict(cfg) | {"resolved_model": source}
-    plan = TrainPlan(cfg, method, eval_views, run, source, tokenizer, pad_id, train_pairs, val_pairs, ref_train,
+    ref_train, ref_val, ref_stats = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, engine,
+                                               say, fresh=resume_from is None)
+    record = dataclasses.asdict(cfg) | {"resolved_model": source,
+                                        # how it was launched: not part of the config hash (one process = two)
+                                        "_launch": {"launcher": launcher, "processes": world}}
+    plan = TrainPlan(cfg, method, engine, eval_views, run, source, tokenizer, pad_id, train_pairs, val_pairs, ref_train,
                      ref_val, ref_stats, per_epoch, total, global_batch, resume_from, record)
     return plan, policy
 
@@ -208,24 +216,6 @@ def _length_filter(cfg: TrainConfig, rows: list[dict], tokenizer, say) -> list[d
     return kept
 
 
-@contextlib.contextmanager
-def _whole_weights(acc):
-    """Models load with whole weights even when DeepSpeed ZeRO-3 is configured: accelerate registers
-    its config with transformers, which then partitions weights at load time whatever zero3_init_flag
-    says; the reference pass must run on whole weights, before the engine shards the policy."""
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    if plugin is None:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()
-
-
 def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
     dtype = torch.float32  # master weights in fp32; bf16 runs use autocast
     if cfg.lora:
@@ -243,8 +233,8 @@ def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
 
 # ---- the reference -------------------------------------------------------------------------------------
 
-def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pairs, val_pairs, pad_id, acc, say,
-               fresh: bool = True):
+def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pairs, val_pairs, pad_id, acc, engine,
+               say, fresh: bool = True):
     """Reference log-probs of train and validation pairs, from the cache when possible, computed before
     the policy is sharded or wrapped. The cache key is the reference's files (config + full weights;
     with LoRA the base model, adapters excluded), the scored token sequences and the dtype. The
@@ -263,7 +253,7 @@ def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pair
             if cfg.lora or (fresh and ref_source == source):  # the policy holds the reference's weights now
                 ref_model = policy
             else:
-                with _whole_weights(acc):
+                with engine.load_context(acc):
                     ref_model = load_model(ref_source, dtype=torch.float32,
                                            trust_remote_code=cfg.trust_remote_code).to(acc.device)
                 if cfg.packing == "tree":

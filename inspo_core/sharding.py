@@ -20,9 +20,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SHARDINGS = ("none", "fsdp2", "zero3")
-
-
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     """The modules FSDP shards one by one: those whose class is in the model's `_no_split_modules`
     (for a peft model, the underlying transformers model's)."""
@@ -91,12 +88,6 @@ def shard(scorer: nn.Module) -> nn.Module:
         fully_shard(layer)
     fully_shard(scorer)
     return scorer
-
-
-def is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def local_state_mb(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> float:

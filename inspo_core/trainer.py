@@ -1,8 +1,10 @@
 """One explicit accelerate training loop for every objective x strategy.
 
-`Trainer.train()` is `prepare` (inspo_core.plan: a frozen plan of the run) followed by the loop
-below, which only trains: score the micro-batch's views (`inspo_core.scoring`), apply the resolved
-method, step, log, evaluate, checkpoint.
+`Trainer.run()` is `setup()` (inspo_core.plan's frozen plan, the engine chosen once by the launcher's
+accelerate config or `--sharding`: inspo_core.launch, inspo_core.engines; resume; config.yaml), then
+`train()`, the loop, which only trains: score the micro-batch's views (`inspo_core.scoring`), apply
+the resolved method, step, log, evaluate, checkpoint; then `finish()`, the final saves. The loop asks
+the engine, never which engine it is.
 
 Batching is ours, not a DataLoader's: the global batch of step s is a slice of a seeded per-epoch
 permutation, split into `grad_accum` micro-batches per process. That makes exact resume a matter
@@ -30,7 +32,9 @@ from inspo_core.logps import TokenLogps
 from inspo_core.plan import TrainPlan, prepare
 from inspo_core.refcache import RefStats
 from inspo_core.scoring import score_views
-from inspo_core.sharding import before_deepspeed, init_process_group, local_state_mb, shard
+from inspo_core.engines import get_engine
+from inspo_core.launch import resolve_launch
+from inspo_core.sharding import local_state_mb
 from inspo_core.strategies import L_PLAIN, W_PLAIN, reflection_gain
 
 
@@ -78,32 +82,34 @@ def peak_mem_mb(device: torch.device) -> float:
     return peak_rss_mb()
 
 
+@dataclass
+class Session:
+    """What `Trainer.setup` builds and the loop trains: the wrapped scorer, its optimizer and schedule, and
+    where the run starts (0, or the resumed checkpoint's step and best validation loss)."""
+
+    scorer: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    start: int
+    best: float | None
+
+
 class Trainer:
+    """`run()` = `setup()` (guard, seed, plan, engine, resume, config.yaml, trackers), `train()` (the loop
+    only), `finish()` (the last checks and saves)."""
+
     def __init__(self, cfg: TrainConfig, accelerator=None):
-        from accelerate import Accelerator
-
-        self.cfg = cfg
+        # the launcher's accelerate config and the workbench's flags decide engine and precision, once
+        self.cfg, self.launcher, notes = resolve_launch(cfg)
+        self.engine = get_engine(self.cfg.sharding)
         on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-        kw = {}
-        if cfg.sharding == "zero3":  # DeepSpeed ZeRO-3 through accelerate, on CPU (its CPU accelerator) and GPU
-            from accelerate.utils import DeepSpeedPlugin
-
-            # a process group of one without a launcher; on CPU no JIT build of DeepSpeed's shm comm op
-            before_deepspeed(on_cpu, lambda m: print(f"[inspo] {m}", flush=True) if _env_rank() == 0 else None)
-            kw["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=cfg.grad_accum,
-                                                     gradient_clipping=cfg.max_grad_norm or None, zero3_init_flag=False,
-                                                     zero3_save_16bit_model=True)
-        else:
-            kw["cpu"] = on_cpu  # on CPU-only machines this makes torchrun-launched processes form a gloo group
         # rank, world, barriers and sums come from the process group (DeepSpeed on CPU misreports them)
-        self.acc = Processes(accelerator or Accelerator(
-            gradient_accumulation_steps=cfg.grad_accum,
-            mixed_precision="bf16" if cfg.bf16 else "no",
-            log_with=cfg.report_to or None,
-            project_dir=cfg.output_dir,
-            **kw,
-        ))
+        self.acc = Processes(accelerator or self.engine.accelerator(self.cfg, on_cpu, _say_on_rank0))
         self.plan: TrainPlan | None = None
+        self.session: Session | None = None
+        for note in notes:
+            self.say(note)
+        self.say(f"engine {self.engine.name}, {'bf16' if self.cfg.bf16 else 'fp32'} ({self.launcher.describe()})")
 
     def say(self, msg: str) -> None:
         if self.acc.is_main_process:
@@ -185,22 +191,31 @@ class Trainer:
         model.train(was)
         return {f"eval/{k}": v for k, v in self.reduce_stats(parts or dummies[:1], None if parts else 0).items()}
 
-    # ---- the loop -----------------------------------------------------------------------------------
-    def train(self) -> TrainResult:
-        cfg, acc = self.cfg, self.acc
+    # ---- setup, loop, finish -------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """One whole run: setup, the loop, the final saves."""
+        self.setup()
+        return self.finish(self.train())
+
+    def setup(self) -> TrainPlan:
+        """Everything before the first step: the plan (inspo_core.plan.prepare), the engine's scorer and
+        optimizer, a resume's state, config.yaml and the trackers. Trains nothing."""
+        cfg, acc, engine = self.cfg, self.acc, self.engine
         if acc.distributed_type.name == "FSDP":
-            raise ValueError("accelerate's FSDP plugin is not used: launch with configs/accelerate/fsdp2.yaml (a plain "
-                             "multi-process launcher) and pass --sharding fsdp2; the workbench shards the model itself, "
-                             "with the same code on CPU and GPU")
+            raise ValueError("this Accelerator carries accelerate's FSDP plugin; the workbench shards the model itself "
+                             "(sharding fsdp2, the same code on CPU and GPU): build it without one")
         torch.manual_seed(cfg.seed)
-        self.plan, policy = prepare(cfg, acc, self.say)
+        self.plan, policy = prepare(cfg, acc, engine, self.say, launcher=self.launcher.describe())
         plan, run = self.plan, self.plan.run
-
-        scorer, optimizer, scheduler, clip_params = self._engine(policy)
-
+        scorer = engine.shard(acc, TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb))
+        optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
+                                      betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan.total_steps, cfg.warmup_ratio,
+                                                                           cfg.min_lr_ratio))
+        scorer, optimizer = engine.prepare(acc, scorer, optimizer, plan)
         start, best = 0, None
         if plan.resume_from is not None:
-            state = load_trainer_state(acc, plan.resume_from, optimizer, scheduler, scorer)
+            state = load_trainer_state(acc, engine, plan.resume_from, optimizer, scheduler, scorer)
             start, best = state["step"], state.get("best_eval_loss")
             if acc.is_main_process:
                 run.metrics.truncate_after(start)
@@ -212,12 +227,21 @@ class Trainer:
                                                if isinstance(v, (int, float, str, bool))})
         self.say(f"{cfg.objective} x {cfg.strategy}: {len(plan.train_pairs)} train / {len(plan.val_pairs)} "
                  f"validation pairs, {plan.total_steps} steps of {plan.global_batch} pairs, "
-                 f"{acc.num_processes} process(es)")
+                 f"{acc.num_processes} process(es), engine {engine.name}")
+        self.session = Session(scorer, optimizer, scheduler, start, best)
+        return plan
 
-        progress = _progress(plan.total_steps, start, acc.is_main_process)
+    def train(self) -> float:
+        """The loop, from the session's start to the plan's last step (after `setup`): score, step, log,
+        evaluate (keeping `best/`), checkpoint. Returns the last step's loss."""
+        assert self.session is not None, "Trainer.setup() first (or Trainer.run())"
+        cfg, acc, plan, engine, run = self.cfg, self.acc, self.plan, self.plan.engine, self.plan.run
+        sess = self.session
+        scorer, optimizer, scheduler = sess.scorer, sess.optimizer, sess.scheduler
+        progress = _progress(plan.total_steps, sess.start, acc.is_main_process)
         last_loss = float("nan")
         scorer.train()
-        for step in range(start, plan.total_steps):
+        for step in range(sess.start, plan.total_steps):
             t0 = time.perf_counter()
             parts, tokens, grad_norm = [], 0, None
             for idx in self.micro_batches(step):
@@ -227,15 +251,13 @@ class Trainer:
                     if not torch.isfinite(terms["loss"]):
                         self._fail_nonfinite(step)
                     acc.backward(terms["loss"])
-                    if acc.sync_gradients and cfg.max_grad_norm > 0 and cfg.sharding != "zero3":
-                        grad_norm = acc.clip_grad_norm_(clip_params, cfg.max_grad_norm)
-                        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        grad_norm = engine.clip_grad_norm(acc, scorer, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 parts.append(terms["stats"])
                 tokens += terms["tokens"]
-            if cfg.sharding == "zero3":  # DeepSpeed clips inside its step; read the norm it used
-                grad_norm = scorer.get_global_grad_norm()
+            grad_norm = engine.step_grad_norm(scorer, grad_norm)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             row = self.reduce_stats(parts)
@@ -262,51 +284,33 @@ class Trainer:
                         run.metrics.write(ev)
                     if not math.isfinite(ev["eval/loss"]):
                         self._stop_diverged(f"non-finite validation loss after step {done}", below=done)
-                    if best is None or ev["eval/loss"] < best:
-                        best = ev["eval/loss"]
-                        save_model(acc, scorer, acc.unwrap_model(scorer).lm, plan.tokenizer, run.best,
+                    if sess.best is None or ev["eval/loss"] < sess.best:
+                        sess.best = ev["eval/loss"]
+                        save_model(acc, engine, scorer, acc.unwrap_model(scorer).lm, plan.tokenizer, run.best,
                                    merge_lora=True)
             if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
-                self._checkpoint(scorer, optimizer, scheduler, done, best)
+                self._checkpoint(scorer, optimizer, scheduler, done, sess.best)
         progress.close()
-        self._check_finite_weights(scorer, plan.total_steps)
-        lm = acc.unwrap_model(scorer).lm
-        save_model(acc, scorer, lm, plan.tokenizer, run.final, merge_lora=True)
+        return last_loss
+
+    def finish(self, last_loss: float) -> TrainResult:
+        """After the loop: weights checked finite, `final/` (and the last checkpoint) written, trackers closed."""
+        cfg, acc, plan, run, sess = self.cfg, self.acc, self.plan, self.plan.run, self.session
+        self._check_finite_weights(sess.scorer, plan.total_steps)
+        save_model(acc, plan.engine, sess.scorer, acc.unwrap_model(sess.scorer).lm, plan.tokenizer, run.final,
+                   merge_lora=True)
         if cfg.save_every:
-            self._checkpoint(scorer, optimizer, scheduler, plan.total_steps, best)
+            self._checkpoint(sess.scorer, sess.optimizer, sess.scheduler, plan.total_steps, sess.best)
         if cfg.report_to:
             acc.end_training()
         self.say(f"done: {plan.total_steps} steps, final loss {last_loss:.4f}; model in {run.final}")
-        return TrainResult(run.path, plan.total_steps, last_loss, plan.ref_stats, best)
-
-    def _engine(self, policy):
-        """(scorer, optimizer, scheduler, parameters to clip) on the configured engine: accelerate for one
-        process or DDP, our FSDP2 (the same code on CPU and GPU; accelerate only steps the optimizer), or
-        DeepSpeed ZeRO-3 through accelerate."""
-        cfg, acc, plan = self.cfg, self.acc, self.plan
-        scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
-        if cfg.sharding == "fsdp2":
-            init_process_group(acc.device.type)
-            shard(scorer)
-        optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
-                                      betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan.total_steps, cfg.warmup_ratio,
-                                                                           cfg.min_lr_ratio))
-        if cfg.sharding == "fsdp2":
-            optimizer = acc.prepare(optimizer)
-        else:
-            if cfg.sharding == "zero3":  # DeepSpeed needs the real batch sizes (its world, not accelerate's count)
-                ds = acc.state.deepspeed_plugin.deepspeed_config
-                ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-                ds["train_batch_size"] = plan.global_batch
-            scorer, optimizer = acc.prepare(scorer, optimizer)
-        # clip what the optimizer steps: the prepared module's parameters (FSDP2 replaces the originals)
-        return scorer, optimizer, scheduler, [p for p in scorer.parameters() if p.requires_grad]
+        return TrainResult(run.path, plan.total_steps, last_loss, plan.ref_stats, sess.best)
 
     def _checkpoint(self, scorer, optimizer, scheduler, step: int, best) -> None:
         plan, acc = self.plan, self.acc
         self._check_finite_weights(scorer, step)
-        save_checkpoint(acc, scorer, acc.unwrap_model(scorer).lm, plan.tokenizer, optimizer, scheduler, plan.run,
+        save_checkpoint(acc, plan.engine, scorer, acc.unwrap_model(scorer).lm, plan.tokenizer, optimizer, scheduler,
+                        plan.run,
                         step, {"best_eval_loss": best, "epoch": step / plan.per_epoch, "config": plan.config_record})
         if acc.is_main_process:
             for gone in prune_checkpoints(plan.run, self.cfg.save_total_limit):
@@ -314,7 +318,7 @@ class Trainer:
 
     def _check_finite_weights(self, scorer, step: int) -> None:
         """Stop before saving weights that are not finite (after `step` optimizer steps)."""
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in scorer.parameters() if p.requires_grad]
+        local = self.plan.engine.local_tensors(scorer)
         bad = torch.tensor(float(any(not torch.isfinite(p).all() for p in local)), device=self.acc.device)
         if self.acc.reduce(bad, "sum").item() > 0:
             self._stop_diverged(f"non-finite weights after step {step}", below=step)
@@ -342,11 +346,12 @@ class Trainer:
         )
 
 
-def _env_rank() -> int:
-    """This process's rank before any process group exists (0 without a launcher)."""
+def _say_on_rank0(msg: str) -> None:
+    """Print on the launcher's rank 0 (before any process group exists; RANK unset without a launcher)."""
     import os
 
-    return int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[inspo] {msg}", flush=True)
 
 
 def reset_accelerate_state() -> None:
@@ -361,7 +366,7 @@ def reset_accelerate_state() -> None:
 def train(cfg: TrainConfig) -> TrainResult:
     """One run in this process, after any earlier one."""
     reset_accelerate_state()
-    return Trainer(cfg).train()
+    return Trainer(cfg).run()
 
 
 class _progress:

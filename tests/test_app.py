@@ -31,7 +31,7 @@ def runs_dir(tmp_path_factory):
     reset_accelerate_state()
     Trainer(TrainConfig(model=str(runs / "pi_ref"), data=str(pairs), max_steps=4, batch_size=4, lr=1e-3, beta=0.5,
                         val_size=8, dedup=False, max_length=96, output_dir=str(runs / "ins-dpo"),
-                        cache_dir=str(root / "cache"), eval_every=2)).train()
+                        cache_dir=str(root / "cache"), eval_every=2)).run()
     return runs
 
 

@@ -73,7 +73,7 @@ def test_paper_config_runs_two_steps_on_a_tiny_model(path, tmp_path_factory):
     written = yaml.safe_load(path.read_text())
     cfg = load_config(TrainConfig, path, dict(SWAPPED, output_dir=str(out), cache_dir=str(cache)))
     t = Trainer(cfg)
-    res = t.train()
+    res = t.run()
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     kept = {k: v for k, v in written.items() if k not in SWAPPED and k not in ("output_dir", "cache_dir")}
     assert kept

@@ -23,11 +23,11 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 def test_averaged_with_w_zero_trains_like_none(tmp_path, cache_dir):
     """`--strategy averaged --w 0` crashed with a KeyError (the logged term had weight 0 and its views
     were never scored). Now it trains, and w=0 is plain DPO step by step; w=1 is INS-DPO."""
-    a0 = Trainer(cfg(tmp_path / "a0", cache_dir, strategy="averaged", w=0.0)).train()
-    none = Trainer(cfg(tmp_path / "n", cache_dir, strategy="none")).train()
+    a0 = Trainer(cfg(tmp_path / "a0", cache_dir, strategy="averaged", w=0.0)).run()
+    none = Trainer(cfg(tmp_path / "n", cache_dir, strategy="none")).run()
     assert_close(torch.tensor(losses(a0.run_dir)), torch.tensor(losses(none.run_dir)), atol=1e-6, rtol=1e-6)
-    a1 = Trainer(cfg(tmp_path / "a1", cache_dir, strategy="averaged", w=1.0)).train()
-    sym = Trainer(cfg(tmp_path / "s", cache_dir, strategy="symmetric")).train()
+    a1 = Trainer(cfg(tmp_path / "a1", cache_dir, strategy="averaged", w=1.0)).run()
+    sym = Trainer(cfg(tmp_path / "s", cache_dir, strategy="symmetric")).run()
     assert_close(torch.tensor(losses(a1.run_dir)), torch.tensor(losses(sym.run_dir)), atol=1e-6, rtol=1e-6)
 
 
@@ -46,7 +46,7 @@ def test_length_normalized_dpo_in_the_trainer_is_eq_12(tmp_path, cache_dir):
 
     t = Trainer(cfg(tmp_path, cache_dir, strategy="none", length_normalize=True, max_steps=1, val_size=0,
                     batch_size=8, beta=0.5))
-    t.train()
+    t.run()
     plan = t.plan
     idx = t.micro_batches(0)[0]
     from inspo_core.models import load_model
@@ -91,12 +91,12 @@ def test_clipping_acts_on_the_prepared_parameters(tmp_path, cache_dir):
     replaces the parameters (FSDP2) those are stale: grad_norm read 0 and nothing was clipped. With a
     tight limit the run must equal the ordinary one step by step, and report the real norm."""
     kw = dict(max_grad_norm=1e-3, max_steps=3, val_size=0)
-    plain = Trainer(cfg(tmp_path / "a", cache_dir, **kw)).train()
-    swapped = Trainer(cfg(tmp_path / "b", cache_dir, **kw), accelerator=_ReplacingAccelerator(cpu=True)).train()
+    plain = Trainer(cfg(tmp_path / "a", cache_dir, **kw)).run()
+    swapped = Trainer(cfg(tmp_path / "b", cache_dir, **kw), accelerator=_ReplacingAccelerator(cpu=True)).run()
     assert_close(torch.tensor(losses(swapped.run_dir)), torch.tensor(losses(plain.run_dir)), atol=1e-6, rtol=1e-6)
     norms = losses(swapped.run_dir, "grad_norm")
     assert all(n > 1e-3 for n in norms), norms  # above the limit: clipping changed every update
-    unclipped = Trainer(cfg(tmp_path / "c", cache_dir, **{**kw, "max_grad_norm": 0.0})).train()
+    unclipped = Trainer(cfg(tmp_path / "c", cache_dir, **{**kw, "max_grad_norm": 0.0})).run()
     assert losses(unclipped.run_dir)[1:] != losses(plain.run_dir)[1:]
 
 
@@ -105,21 +105,21 @@ def test_clipping_acts_on_the_prepared_parameters(tmp_path, cache_dir):
 def test_fresh_run_refuses_a_finished_run_without_checkpoints(tmp_path, cache_dir):
     """A second fresh run into a finished run's directory (save_every 0: no checkpoints) replaced its
     final/ and metrics.jsonl without a word."""
-    Trainer(cfg(tmp_path, cache_dir, max_steps=2)).train()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=2)).run()
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match=r"holds an earlier run \(config.yaml, metrics.jsonl, final.*--overwrite"):
-        Trainer(cfg(tmp_path, cache_dir, max_steps=2, lr=5e-4)).train()
+        Trainer(cfg(tmp_path, cache_dir, max_steps=2, lr=5e-4)).run()
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     with pytest.raises(ValueError, match="holds no intact checkpoint to continue from"):
-        Trainer(cfg(tmp_path, cache_dir, max_steps=2, resume=True)).train()
-    Trainer(cfg(tmp_path, cache_dir, max_steps=2, lr=5e-4, overwrite=True)).train()
+        Trainer(cfg(tmp_path, cache_dir, max_steps=2, resume=True)).run()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=2, lr=5e-4, overwrite=True)).run()
     assert (tmp_path / "run" / "metrics.jsonl").read_text() != before
 
 
 def test_output_dir_that_is_a_file_fails_before_setup(tmp_path, cache_dir):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a directory"):
-        Trainer(load_cfg(output_dir=str(tmp_path / "afile" / "run"), cache_dir=cache_dir)).train()
+        Trainer(load_cfg(output_dir=str(tmp_path / "afile" / "run"), cache_dir=cache_dir)).run()
 
 
 def load_cfg(**kw):
@@ -133,14 +133,14 @@ def load_cfg(**kw):
 def test_resume_refuses_a_changed_config(tmp_path, cache_dir, change):
     """--resume accepted a changed objective, strategy or max_length and mixed two setups in one
     metrics file. Now it names every key that differs."""
-    Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=2)).train()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=2)).run()
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
     with pytest.raises(ValueError, match="--resume from .*step-2 with a different config") as err:
-        Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=2, resume=True, **change)).train()
+        Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=2, resume=True, **change)).run()
     for key in change:
         assert f"{key}: " in str(err.value)
     # bookkeeping keys may change
-    Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=1, log_every=2, resume=True)).train()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=4, save_every=1, log_every=2, resume=True)).run()
 
 
 def test_failed_final_save_is_loud(tmp_path, cache_dir, monkeypatch):
@@ -149,14 +149,14 @@ def test_failed_final_save_is_loud(tmp_path, cache_dir, monkeypatch):
 
     orig = trainer_mod.save_model
 
-    def blocked(acc, scorer, lm, tok, path, **kw):
+    def blocked(acc, engine, scorer, lm, tok, path, **kw):
         if path.name == "final":
             path.write_text("in the way")
-        return orig(acc, scorer, lm, tok, path, **kw)
+        return orig(acc, engine, scorer, lm, tok, path, **kw)
 
     monkeypatch.setattr(trainer_mod, "save_model", blocked)
     with pytest.raises(CheckpointError, match="could not save the model to .*final"):
-        Trainer(cfg(tmp_path, cache_dir, max_steps=2, val_size=0)).train()
+        Trainer(cfg(tmp_path, cache_dir, max_steps=2, val_size=0)).run()
     assert not any(p.name.startswith(".final") for p in (tmp_path / "run").iterdir())  # no temporary left
 
 
@@ -183,12 +183,12 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, cache_dir, capsys, how):
     """A damaged last checkpoint stopped --resume with a traceback; weights zeroed at the same size
     were resumed from without a word (the manifest held sizes only). Now the newest intact one is
     used, the skipped one is named with the reason, and the result equals the uninterrupted run."""
-    full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).train()
-    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).train()
+    full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).run()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).run()
     run_b = tmp_path / "b" / "run"
     _damage(run_b / "checkpoints" / "step-6", how)
     capsys.readouterr()
-    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).train()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).run()
     out = capsys.readouterr().out
     assert "skipping damaged checkpoint" in out and "step-6" in out
     if how == "zeroed_weights":
@@ -202,15 +202,15 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, cache_dir, capsys, how):
 def test_resume_accepts_a_manifest_without_hashes_and_says_so(tmp_path, cache_dir, capsys):
     """Checkpoints written before content hashes were recorded (manifest {file: size}) still resume,
     checked by size, and the log says once that their contents were not checked."""
-    full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).train()
-    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).train()
+    full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).run()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).run()
     ckpts = tmp_path / "b" / "run" / "checkpoints"
     shutil.rmtree(ckpts / "step-6")
     for step in (2, 4):
         man = ckpts / f"step-{step}" / "manifest.json"
         man.write_text(json.dumps({k: v["bytes"] for k, v in json.loads(man.read_text())["files"].items()}))
     capsys.readouterr()
-    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).train()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).run()
     out = capsys.readouterr().out
     assert out.count("without content hashes") == 1 and "step-2, step-4" in out and "by file size only" in out
     assert "skipping damaged" not in out and "step-4 at step 4" in out
@@ -218,7 +218,7 @@ def test_resume_accepts_a_manifest_without_hashes_and_says_so(tmp_path, cache_di
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path, cache_dir):
-    Trainer(cfg(tmp_path, cache_dir, max_steps=5, save_every=1, save_total_limit=2)).train()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=5, save_every=1, save_total_limit=2)).run()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-4", "step-5"]
 
 
@@ -238,13 +238,13 @@ def test_nan_stop_names_the_real_last_good_checkpoint(tmp_path, cache_dir, monke
 
     monkeypatch.setattr(Trainer, "loss_terms", nan_at_step_5)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 5.*Last good checkpoint: \S*checkpoints/step-2 "):
-        Trainer(cfg(tmp_path, cache_dir, max_steps=6, save_every=2, val_size=0)).train()
+        Trainer(cfg(tmp_path, cache_dir, max_steps=6, save_every=2, val_size=0)).run()
     run = tmp_path / "run"
     assert (run / "checkpoints" / "step-4" / "diverged.txt").exists()
     assert not (run / "final").exists()
     monkeypatch.setattr(Trainer, "loss_terms", orig)
     capsys.readouterr()
-    Trainer(cfg(tmp_path, cache_dir, max_steps=6, save_every=2, val_size=0, resume=True)).train()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=6, save_every=2, val_size=0, resume=True)).run()
     out = capsys.readouterr().out
     assert "the run diverged from it" in out and "step-2 at step 2" in out
 
@@ -282,7 +282,7 @@ def test_reference_cache_keys_on_full_weights_and_config(tmp_path):
     first and last MiB); a config change with the same weights hit too."""
     cache = str(tmp_path / "cache")
     first = Trainer(cfg(tmp_path / "a", cache, max_steps=1))
-    first.train()
+    first.run()
     src = Path(first.plan.model_source)
 
     def middle(m):
@@ -296,7 +296,7 @@ def test_reference_cache_keys_on_full_weights_and_config(tmp_path):
     assert (same / "model.safetensors").stat().st_size == (mid / "model.safetensors").stat().st_size
 
     def run(name, model):
-        return Trainer(cfg(tmp_path / name, cache, model=str(model), max_steps=1)).train()
+        return Trainer(cfg(tmp_path / name, cache, model=str(model), max_steps=1)).run()
 
     assert run("same", same).ref_stats.cache_hit  # identical weights and config, another directory
     r_mid = run("mid", mid)
@@ -322,13 +322,13 @@ def test_reference_cache_misses_after_an_in_place_edit_keeping_size_and_mtime(tm
     the mtime put back kept the old hash, and the old reference log-probs were used."""
     cache = str(tmp_path / "cache")
     first = Trainer(cfg(tmp_path / "a", cache, max_steps=1))
-    first.train()
+    first.run()
     ref = _save_tiny(tmp_path / "ref", Path(first.plan.model_source))
-    assert Trainer(cfg(tmp_path / "b", cache, model=str(ref), max_steps=1)).train().ref_stats.cache_hit
+    assert Trainer(cfg(tmp_path / "b", cache, model=str(ref), max_steps=1)).run().ref_stats.cache_hit
     w = ref / "model.safetensors"
     header = 8 + int.from_bytes(w.read_bytes()[:8], "little")
     _edit_in_place_keeping_size_and_mtime(w, header + (w.stat().st_size - header) // 2 - (32 << 10))
-    c = Trainer(cfg(tmp_path / "c", cache, model=str(ref), max_steps=1)).train()
+    c = Trainer(cfg(tmp_path / "c", cache, model=str(ref), max_steps=1)).run()
     assert not c.ref_stats.cache_hit and c.ref_stats.forwards > 0
 
 
@@ -374,11 +374,11 @@ def test_lora_reference_cache_ignores_the_adapters(tmp_path, cache_dir):
 
     cache = str(tmp_path / "cache")
     first = Trainer(cfg(tmp_path / "a", cache, lora=4, max_steps=1, seed=0, val_size=0, save_every=1))
-    a = first.train()
+    a = first.run()
     assert not a.ref_stats.cache_hit
     base = first.plan.model_source
     b = Trainer(cfg(tmp_path / "b", cache, model=base, lora=4, max_steps=1, seed=1, val_size=0, save_every=1,
-                    lr=3e-3)).train()
+                    lr=3e-3)).run()
     assert b.ref_stats.cache_hit and b.ref_stats.forwards == 0
     ad_a, ad_b = (load_file(str(tmp_path / r / "run" / "checkpoints" / "step-1" / "adapter_model.safetensors"))
                   for r in "ab")
@@ -392,7 +392,7 @@ def test_lora_reference_cache_ignores_the_adapters(tmp_path, cache_dir):
 def test_damaged_reference_cache_is_recomputed(tmp_path, capsys, damage):
     """A truncated cache file crashed the run; one whose values were zeroed (header intact) was used."""
     cache = str(tmp_path / "cache")
-    a = Trainer(cfg(tmp_path / "a", cache, max_steps=2)).train()
+    a = Trainer(cfg(tmp_path / "a", cache, max_steps=2)).run()
     files = sorted((tmp_path / "cache" / "refcache").glob("*.safetensors"))
     assert files
     for f in files:
@@ -403,7 +403,7 @@ def test_damaged_reference_cache_is_recomputed(tmp_path, capsys, damage):
             header_len = 8 + int.from_bytes(data[:8], "little")
             f.write_bytes(data[:header_len] + bytes(len(data) - header_len))
     capsys.readouterr()
-    b = Trainer(cfg(tmp_path / "b", cache, max_steps=2)).train()
+    b = Trainer(cfg(tmp_path / "b", cache, max_steps=2)).run()
     out = capsys.readouterr().out
     assert not b.ref_stats.cache_hit and b.ref_stats.forwards > 0
     assert ("is damaged" if damage == "truncated" else "fails its checksum") in out
@@ -433,7 +433,7 @@ def test_a_model_that_is_not_there_is_a_clear_error(tmp_path, cache_dir, model, 
         (tmp_path / "notes").mkdir()
         (tmp_path / "notes" / "readme.txt").write_text("x")
     with pytest.raises(ValueError, match=message):
-        Trainer(cfg(tmp_path, cache_dir, model=model)).train()
+        Trainer(cfg(tmp_path, cache_dir, model=model)).run()
 
 
 def test_yaml_values_of_the_wrong_type_are_reported_together(tmp_path):

@@ -98,10 +98,10 @@ def test_two_lora_steps_of_ins_dpo_with_the_reference_cache(smollm2, tmp_path):
     kw = dict(model=str(smollm2), data=str(data), lora=8, batch_size=2, max_steps=2, max_length=96, max_rows=4,
               val_size=0, lr=1e-4, packing="tree", cache_dir=str(tmp_path / "cache"))
     reset_accelerate_state()
-    first = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "a")})).train()
+    first = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "a")})).run()
     assert first.ref_stats.forwards > 0 and all(map(lambda x: x == x, [first.final_loss]))
     reset_accelerate_state()
-    second = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "b"), "seed": 1})).train()
+    second = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "b"), "seed": 1})).run()
     assert second.ref_stats.cache_hit  # keyed on the base model: a reseeded LoRA run reuses it
     assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
 
@@ -118,7 +118,7 @@ def chat_runs(smollm2, tmp_path_factory):
     reset_accelerate_state()
     Trainer(load_config(TrainConfig, None, dict(
         model=str(smollm2), data=str(data), lora=8, batch_size=2, max_steps=2, max_length=96, max_rows=4, val_size=0,
-        lr=1e-4, context_format="template", output_dir=str(runs / "ins-smol"), cache_dir=str(CACHE)))).train()
+        lr=1e-4, context_format="template", output_dir=str(runs / "ins-smol"), cache_dir=str(CACHE)))).run()
     return runs
 
 

@@ -86,7 +86,7 @@ def test_cli_train_writes_run_directory_and_loadable_model(tmp_path, cache_dir):
 
 
 def test_resume_equals_uninterrupted(tmp_path, cache_dir, monkeypatch):
-    full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).train()
+    full = Trainer(cfg(tmp_path / "a", cache_dir, max_steps=6, save_every=2)).run()
     # interrupted at step 5 (after the step-4 checkpoint), then resumed
     calls = {"n": 0}
     orig = Trainer.loss_terms
@@ -100,11 +100,11 @@ def test_resume_equals_uninterrupted(tmp_path, cache_dir, monkeypatch):
 
     monkeypatch.setattr(Trainer, "loss_terms", crash_on_fifth_step)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).train()
+        Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2)).run()
     monkeypatch.setattr(Trainer, "loss_terms", orig)
     run_b = tmp_path / "b" / "run"
     assert losses(run_b) == losses(full.run_dir)[:4]
-    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).train()
+    Trainer(cfg(tmp_path / "b", cache_dir, max_steps=6, save_every=2, resume=True)).run()
     assert losses(run_b) == losses(full.run_dir)  # exactly, step by step
     for k, v in weights(full.run_dir / "final").items():
         assert torch.equal(v, weights(run_b / "final")[k]), k
@@ -133,8 +133,8 @@ def test_kill_9_then_resume_matches(tmp_path, cache_dir):
 
 
 def test_batch8_accum1_equals_batch1_accum8(tmp_path, cache_dir):
-    a = Trainer(cfg(tmp_path / "a", cache_dir, batch_size=8, grad_accum=1, max_steps=3)).train()
-    b = Trainer(cfg(tmp_path / "b", cache_dir, batch_size=1, grad_accum=8, max_steps=3)).train()
+    a = Trainer(cfg(tmp_path / "a", cache_dir, batch_size=8, grad_accum=1, max_steps=3)).run()
+    b = Trainer(cfg(tmp_path / "b", cache_dir, batch_size=1, grad_accum=8, max_steps=3)).run()
     assert_close(torch.tensor(losses(a.run_dir)), torch.tensor(losses(b.run_dir)), atol=1e-5, rtol=1e-5)
     wa, wb = weights(a.run_dir / "final"), weights(b.run_dir / "final")
     for k in wa:
@@ -162,20 +162,20 @@ def test_two_processes_equal_one(tmp_path, cache_dir):
 
 def test_second_run_does_zero_reference_forwards(tmp_path):
     cache = str(tmp_path / "own-cache")
-    first = Trainer(cfg(tmp_path / "a", cache, max_steps=2)).train()
+    first = Trainer(cfg(tmp_path / "a", cache, max_steps=2)).run()
     assert first.ref_stats.forwards > 0 and not first.ref_stats.cache_hit
-    second = Trainer(cfg(tmp_path / "b", cache, max_steps=2, lr=5e-4)).train()
+    second = Trainer(cfg(tmp_path / "b", cache, max_steps=2, lr=5e-4)).run()
     assert second.ref_stats.forwards == 0 and second.ref_stats.cache_hit
     # the key is the scored sequences themselves: a context rendering the plain reference never sees
     # still hits; a change to the scored tokens misses
-    raw = Trainer(cfg(tmp_path / "c", cache, max_steps=2, context_format="raw")).train()
+    raw = Trainer(cfg(tmp_path / "c", cache, max_steps=2, context_format="raw")).run()
     assert raw.ref_stats.cache_hit
-    other = Trainer(cfg(tmp_path / "d", cache, max_steps=2, exclude_eos=True)).train()
+    other = Trainer(cfg(tmp_path / "d", cache, max_steps=2, exclude_eos=True)).run()
     assert other.ref_stats.forwards > 0
 
 
 def test_reference_free_objective_skips_the_reference(tmp_path):
-    res = Trainer(cfg(tmp_path, str(tmp_path / "c"), objective="simpo", max_steps=2)).train()
+    res = Trainer(cfg(tmp_path, str(tmp_path / "c"), objective="simpo", max_steps=2)).run()
     assert res.ref_stats.forwards == 0 and not (tmp_path / "c" / "refcache").exists()
 
 
@@ -186,7 +186,7 @@ def test_lora_keeps_one_copy_of_the_base_weights(tmp_path, cache_dir, monkeypatc
     orig = trainer_mod.load_model
     monkeypatch.setattr(trainer_mod, "load_model", lambda *a, **k: loads.append(a) or orig(*a, **k))
     t = Trainer(cfg(tmp_path, str(tmp_path / "lcache"), lora=4, max_steps=2, lr=1e-2))
-    res = t.train()
+    res = t.run()
     assert len(loads) == 1, "the reference must be the base model with adapters disabled, not a second load"
     assert res.ref_stats.forwards > 0
     # the cached reference equals the base model's own log-probs
@@ -207,13 +207,13 @@ def test_lora_keeps_one_copy_of_the_base_weights(tmp_path, cache_dir, monkeypatc
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_every_objective_and_strategy_trains_two_steps(tmp_path, cache_dir, objective, strategy):
     res = Trainer(cfg(tmp_path, cache_dir, objective=objective, strategy=strategy, max_steps=2, batch_size=2,
-                      val_size=4, max_rows=12)).train()
+                      val_size=4, max_rows=12)).run()
     assert res.steps == 2 and torch.isfinite(torch.tensor(res.final_loss))
 
 
 def test_too_little_data_for_a_batch(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        Trainer(cfg(tmp_path, cache_dir, max_rows=3, batch_size=4)).train()
+        Trainer(cfg(tmp_path, cache_dir, max_rows=3, batch_size=4)).run()
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -237,8 +237,8 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
 
 def test_tree_packing_trains_like_padding(tmp_path, cache_dir):
     """Same losses step by step (1e-5) whether the views are padded rows or one prefix tree."""
-    a = Trainer(cfg(tmp_path / "a", cache_dir, strategy="averaged", max_steps=3)).train()
-    b = Trainer(cfg(tmp_path / "b", cache_dir, strategy="averaged", max_steps=3, packing="tree")).train()
+    a = Trainer(cfg(tmp_path / "a", cache_dir, strategy="averaged", max_steps=3)).run()
+    b = Trainer(cfg(tmp_path / "b", cache_dir, strategy="averaged", max_steps=3, packing="tree")).run()
     assert_close(torch.tensor(losses(b.run_dir)), torch.tensor(losses(a.run_dir)), atol=1e-5, rtol=1e-5)
     assert_close(torch.tensor(losses(b.run_dir, "eval/reflection/gain")),
                  torch.tensor(losses(a.run_dir, "eval/reflection/gain")), atol=1e-4, rtol=1e-5)
@@ -247,20 +247,20 @@ def test_tree_packing_trains_like_padding(tmp_path, cache_dir):
 def test_lora_resume_equals_uninterrupted(tmp_path, cache_dir):
     import shutil
 
-    full = Trainer(cfg(tmp_path / "a", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2)).train()
+    full = Trainer(cfg(tmp_path / "a", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2)).run()
     b = cfg(tmp_path / "b", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2)
-    Trainer(b).train()
+    Trainer(b).run()
     run_b = Path(b.output_dir)
     shutil.rmtree(run_b / "checkpoints" / "step-4")  # as if killed after the step-2 checkpoint
     shutil.rmtree(run_b / "final")
-    Trainer(cfg(tmp_path / "b", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2, resume=True)).train()
+    Trainer(cfg(tmp_path / "b", cache_dir, lora=4, lr=1e-2, max_steps=4, save_every=2, resume=True)).run()
     assert losses(run_b) == losses(full.run_dir)
     assert (run_b / "checkpoints" / "step-2" / "adapter_config.json").exists()  # checkpoints hold the adapter
 
 
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, cache_dir):
-    Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1)).train()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1)).run()
     with pytest.raises(ValueError, match=r"holds an earlier run \(.*checkpoints.*\); pass --resume"):
-        Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1)).train()
-    Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1, overwrite=True)).train()
+        Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1)).run()
+    Trainer(cfg(tmp_path, cache_dir, max_steps=2, save_every=1, overwrite=True)).run()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-1", "step-2"]

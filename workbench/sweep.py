@@ -51,7 +51,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> list[dict]:
         if cfg.dry_run:
             continue
         reset_accelerate_state()
-        res = Trainer(tcfg).train()
+        res = Trainer(tcfg).run()
         results.append({"name": name, "run_dir": str(res.run_dir), "final_loss": res.final_loss,
                         "best_eval_loss": res.best_eval_loss, "reference_forwards": res.ref_stats.forwards})
         write_json(Path(cfg.output_dir) / "sweep.json", {"grid": {k: list(v) for k, v in axes.items()},

@@ -10,7 +10,7 @@ def run_train(cfg: TrainConfig):
     from workbench.report import write_runs_report
 
     trainer = Trainer(cfg)
-    result = trainer.train()
+    result = trainer.run()
     if trainer.acc.is_main_process:
         write_runs_report(result.run_dir / "report.html", [result.run_dir])
     return result

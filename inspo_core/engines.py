@@ -1,0 +1,228 @@
+"""Training engines: how the policy is held across processes, one registry entry per choice.
+
+`ENGINES` is the single list of names (`TrainConfig.sharding`'s choices, help and errors read it):
+
+- `none`: every process holds the whole model; one process, or DDP when launched on several.
+- `fsdp2`: torch FSDP2 (`fully_shard`) per decoder layer, the same code on CPU (gloo) and GPU (nccl).
+- `zero3`: DeepSpeed ZeRO-3 through accelerate (its CPU accelerator on CPU).
+
+Each engine owns everything that differs between them: the Accelerator it needs, the context the
+model loads in, how the scorer and optimizer are wrapped, gradient clipping (returning the norm),
+this rank's share of the weights, the gathered state behind `final/` and `best/`, and the trainer
+state a checkpoint holds. It is chosen once (`inspo_core.launch.resolve_launch`: the launcher's
+accelerate config, or `--sharding`), carried in the plan, and the training loop calls it without
+asking which one it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+
+class Engine:
+    """`none`: the whole model in every process; accelerate wraps it (DDP across processes)."""
+
+    name = "none"
+    summary = "every process holds the whole model (DDP when launched on several)"
+    # a checkpoint's weights are a plain HF model: a resume builds the policy from the checkpoint directory
+    checkpoint_holds_model = True
+
+    def __repr__(self) -> str:
+        return f"<engine {self.name}>"
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _accelerator_kwargs(self, cfg, on_cpu: bool, say) -> dict:
+        return {"cpu": on_cpu}  # on CPU-only machines this makes launched processes form a gloo group
+
+    def accelerator(self, cfg, on_cpu: bool, say=print):
+        """The Accelerator for this engine (precision from the resolved `cfg.bf16`)."""
+        from accelerate import Accelerator
+
+        return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no",
+                           log_with=cfg.report_to or None, project_dir=cfg.output_dir,
+                           **self._accelerator_kwargs(cfg, on_cpu, say))
+
+    def load_context(self, acc):
+        """The context models are loaded in (the policy and a separate reference)."""
+        return contextlib.nullcontext()
+
+    def shard(self, acc, scorer):
+        """The scorer before its optimizer is built (FSDP2 replaces the parameters here)."""
+        return scorer
+
+    def prepare(self, acc, scorer, optimizer, plan):
+        """(scorer, optimizer) ready to train."""
+        return acc.prepare(scorer, optimizer)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def clip_grad_norm(self, acc, scorer, max_norm: float):
+        """Clip the gradients of what the optimizer steps; the total norm before clipping, or None when the
+        engine clips inside its optimizer step (read it with `step_grad_norm`)."""
+        return acc.clip_grad_norm_([p for p in scorer.parameters() if p.requires_grad], max_norm)
+
+    def step_grad_norm(self, scorer, clipped):
+        """The gradient norm of the optimizer step just taken (`clipped`: what `clip_grad_norm` returned)."""
+        return clipped
+
+    def local_tensors(self, scorer) -> list[torch.Tensor]:
+        """This rank's share of the trained weights."""
+        return [p for p in scorer.parameters() if p.requires_grad]
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def gathered_state(self, acc, scorer) -> dict[str, torch.Tensor] | None:
+        """The whole model's state for `final/` and `best/` (every rank calls it; {} on ranks that do not
+        write), or None when the module on the main process already holds the whole model."""
+        return None
+
+    def write_model(self, lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
+        """`final/` or `best/` into the (temporary) directory `path` on the main process, from `gathered_state`."""
+        from inspo_core.checkpoint import write_model
+
+        write_model(lm, tokenizer, path, state, merge_lora=merge_lora)
+
+    def save_state(self, acc, scorer, lm, tokenizer, optimizer, path: Path) -> None:
+        """Weights and optimizer state of a checkpoint into the (temporary) directory `path`; every rank calls it."""
+        from inspo_core.checkpoint import write_model
+
+        if acc.is_main_process:
+            write_model(lm, tokenizer, path, None, merge_lora=False)
+            torch.save(optimizer.state_dict(), path / "optimizer.pt")
+
+    def load_state(self, acc, scorer, optimizer, ckpt: Path) -> None:
+        """What `save_state` wrote, back into the prepared scorer and optimizer (weights are already in the
+        model when `checkpoint_holds_model`)."""
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+
+
+class FSDP2(Engine):
+    """Our FSDP2 (`inspo_core.sharding`); accelerate only steps the optimizer. An accelerate FSDP launcher
+    config is read by the workbench, not by accelerate: its FSDP plugin does not initialise distributed
+    training on CPU, and the same code then runs on CPU and GPU."""
+
+    name = "fsdp2"
+    summary = "parameters, gradients and optimizer state sharded per decoder layer (torch FSDP2, CPU or GPU)"
+    checkpoint_holds_model = False  # DCP shards: the policy is built from the source, the shards read into it
+
+    def accelerator(self, cfg, on_cpu: bool, say=print):
+        with _env_unset("ACCELERATE_USE_FSDP"):  # the workbench shards; accelerate must not add its FSDP plugin
+            return super().accelerator(cfg, on_cpu, say)
+
+    def shard(self, acc, scorer):
+        from inspo_core.sharding import init_process_group, shard
+
+        init_process_group(acc.device.type)
+        return shard(scorer)
+
+    def prepare(self, acc, scorer, optimizer, plan):
+        return scorer, acc.prepare(optimizer)
+
+    def clip_grad_norm(self, acc, scorer, max_norm: float):
+        norm = super().clip_grad_norm(acc, scorer, max_norm)
+        return norm.full_tensor()  # a DTensor over the shards
+
+    def local_tensors(self, scorer) -> list[torch.Tensor]:
+        return [p.to_local() for p in scorer.parameters() if p.requires_grad]
+
+    def gathered_state(self, acc, scorer):
+        from inspo_core.sharding import full_state_dict
+
+        return full_state_dict(scorer)
+
+    def write_model(self, lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
+        from inspo_core.checkpoint import save_gathered
+
+        save_gathered(lm, tokenizer, path, state)  # one plain checkpoint; LoRA folded into the weights
+
+    def save_state(self, acc, scorer, lm, tokenizer, optimizer, path: Path) -> None:
+        from inspo_core.sharding import save_sharded
+
+        save_sharded(scorer, optimizer, path / "dcp")  # every rank its own shards, nothing gathered
+        if acc.is_main_process:
+            tokenizer.save_pretrained(path)
+
+    def load_state(self, acc, scorer, optimizer, ckpt: Path) -> None:
+        from inspo_core.sharding import load_sharded
+
+        load_sharded(scorer, optimizer, ckpt / "dcp")
+
+
+class Zero3(Engine):
+    """DeepSpeed ZeRO-3 through accelerate. On CPU accelerate reports one process on every rank while
+    DeepSpeed's world holds them all (FACTS): batch sizes are set from the real world size."""
+
+    name = "zero3"
+    summary = "DeepSpeed ZeRO-3 through accelerate (pip install deepspeed)"
+    checkpoint_holds_model = False  # DeepSpeed's partitions
+
+    def _accelerator_kwargs(self, cfg, on_cpu: bool, say) -> dict:
+        from accelerate.utils import DeepSpeedPlugin
+
+        from inspo_core.sharding import before_deepspeed
+
+        before_deepspeed(on_cpu, say)
+        # gradient_clipping 0 (not None: None would take the launcher's) is DeepSpeed's "off"; zero3_init_flag off:
+        # the reference pass runs on whole weights before the policy is partitioned
+        return {"deepspeed_plugin": DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=cfg.grad_accum,
+                                                    gradient_clipping=float(cfg.max_grad_norm), zero3_init_flag=False,
+                                                    zero3_save_16bit_model=True)}
+
+    @contextlib.contextmanager
+    def load_context(self, acc):
+        """Models load with whole weights: accelerate registers its DeepSpeed config with transformers, which
+        then partitions weights at load time whatever zero3_init_flag says."""
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            acc.state.deepspeed_plugin.set_deepspeed_weakref()
+
+    def prepare(self, acc, scorer, optimizer, plan):
+        ds = acc.state.deepspeed_plugin.deepspeed_config  # DeepSpeed needs the real batch sizes (its world)
+        ds["train_micro_batch_size_per_gpu"] = plan.cfg.batch_size
+        ds["train_batch_size"] = plan.global_batch
+        return acc.prepare(scorer, optimizer)
+
+    def clip_grad_norm(self, acc, scorer, max_norm: float):
+        return None  # DeepSpeed clips inside its step
+
+    def step_grad_norm(self, scorer, clipped):
+        return scorer.get_global_grad_norm()
+
+    def local_tensors(self, scorer) -> list[torch.Tensor]:
+        return [p.ds_tensor for p in scorer.parameters() if p.requires_grad]  # this rank's partition
+
+    def gathered_state(self, acc, scorer):
+        return acc.get_state_dict(scorer)
+
+    def save_state(self, acc, scorer, lm, tokenizer, optimizer, path: Path) -> None:
+        acc.save_state(str(path / "accelerate_state"))  # DeepSpeed's checkpoint: each rank its partitions
+        if acc.is_main_process:
+            tokenizer.save_pretrained(path)
+
+    def load_state(self, acc, scorer, optimizer, ckpt: Path) -> None:
+        acc.load_state(str(ckpt / "accelerate_state"))
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (Engine(), FSDP2(), Zero3())}
+
+
+def get_engine(name: str) -> Engine:
+    if name not in ENGINES:
+        raise ValueError(f"unknown sharding {name!r}; valid: {', '.join(ENGINES)}")
+    return ENGINES[name]
+
+
+@contextlib.contextmanager
+def _env_unset(name: str):
+    old = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[name] = old
