@@ -6,6 +6,8 @@
   probabilities of the two label tokens, averaged over both orders to cancel position bias.
 - `HTTPJudge`: the same prompt sent to an OpenAI-compatible chat-completions endpoint; base URL
   and key come from the environment, and the key never appears in logs or errors.
+
+Single-answer grading (MT-Bench's 1-10 score of one answer) is `inspo_core.grading`.
 """
 
 from __future__ import annotations
