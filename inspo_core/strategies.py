@@ -3,6 +3,12 @@
 A *view* is one log-prob of a target response, either plain (log pi(y | x)) or conditioned on an
 alternative (log pi(y | x, y_alt)). A strategy is a weighted sum of objective terms, each term
 naming the view used for the chosen and for the rejected response.
+
+One strategy is not a preference loss: `distill` (issue 21, context distillation) imitates its
+`chosen` column, -log pi(y | x), on data whose chosen response is a sample of a conditioned teacher
+pi_T(. | x, y') and whose rejected response is the draft y' the teacher saw (`inspo_core.distill`).
+With y ~ pi_T that is the sequence-level forward KL(sg pi_T(.|x, y') || pi(.|x)) up to the teacher's
+entropy, a constant; the draft is scored for the logs only.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class Strategy:
     name: str
     summary: str
     uses_weight: bool = False
+    imitate: bool = False  # each term is -log pi(chosen view): no preference, no reference, no objective
 
     def terms(self, w: float = 0.5) -> list[tuple[float, View, View]]:
         """[(weight, chosen view, rejected view)] whose weighted losses are summed."""
@@ -64,6 +71,7 @@ _TERMS = {
     "one_sided": lambda w: [(1.0, W_GIVEN_L, L_PLAIN)],
     "one_sided_paper": lambda w: [(1.0, W_GIVEN_L, L_GIVEN_L)],  # Table 4 (ii) as printed
     "averaged": lambda w: [(1.0 - w, W_PLAIN, L_PLAIN), (w, W_GIVEN_L, L_GIVEN_W)],  # Table 4 (iv)
+    "distill": lambda w: [(1.0, W_PLAIN, L_PLAIN)],  # -log pi(y_teacher | x); the draft's view for the logs
 }
 
 STRATEGIES: dict[str, Strategy] = {
@@ -74,6 +82,8 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("one_sided", "only the chosen is conditioned: log pi(y_w|x,y_l), log pi(y_l|x)"),
         Strategy("one_sided_paper", "Table 4 as printed: log pi(y_w|x,y_l), log pi(y_l|x,y_l)"),
         Strategy("averaged", "(1-w) * none + w * symmetric (Table 4 'Averaged', w=0.5)", uses_weight=True),
+        Strategy("distill", "context distillation: -log pi(y|x) of the chosen, a conditioned teacher's sample "
+                 "(data from inspo_core.distill; the objective is not used)", imitate=True),
     ]
 }
 
@@ -130,7 +140,7 @@ class Method:
 
     @property
     def ref_views(self) -> list[View]:
-        if not self.objective.needs_reference:
+        if not self.objective.needs_reference or self.strategy.imitate:
             return []
         return sorted({ref_view(v, self.ref_conditioning) for v in self.policy_views})
 
@@ -151,13 +161,17 @@ class Method:
         total: LossOutput | None = None
         lc, lr = lengths["chosen"], lengths["rejected"]
         for weight, cv, rv in self.terms:
-            if self.objective.needs_reference:
-                assert ref_logps is not None, "reference log-probs missing"
-                rc, rr = ref_logps[ref_view(cv, self.ref_conditioning)], ref_logps[ref_view(rv, self.ref_conditioning)]
+            if self.strategy.imitate:  # forward KL from the teacher that sampled the chosen, sequence level
+                c = policy_logps[cv]
+                out = LossOutput(-c, c.detach(), policy_logps[rv].detach())  # "rewards": the two log-probs
             else:
                 rc = rr = None
-            out = apply_objective(self.objective, self.hparams, policy_logps[cv], policy_logps[rv], rc, rr, lc, lr,
-                                  length_normalize=self.length_normalize)
+                if self.objective.needs_reference:
+                    assert ref_logps is not None, "reference log-probs missing"
+                    rc = ref_logps[ref_view(cv, self.ref_conditioning)]
+                    rr = ref_logps[ref_view(rv, self.ref_conditioning)]
+                out = apply_objective(self.objective, self.hparams, policy_logps[cv], policy_logps[rv], rc, rr, lc,
+                                      lr, length_normalize=self.length_normalize)
             scaled = LossOutput(weight * out.losses, weight * out.chosen_rewards, weight * out.rejected_rewards)
             total = scaled if total is None else LossOutput(
                 total.losses + scaled.losses,

@@ -13,6 +13,12 @@ Per point and strategy, over seeds with Student-t intervals: V of the deployed a
 policy, the transfer gap V(deployed INS) - V(deployed DPO) paired by seed, the reflection gain
 V(reflective) - V(deployed) of the same runs, and where the deployed V lands between pi_ref (0) and
 pi_bar (1), the best any prompt-only policy can do (pi_star is the conditioned optimum).
+
+Strategies may also name stages (`inspo_core.distill.STAGES`: `revise`, `distill`, `dpo_long`), second
+runs that carry the INS run's reflection into pi(.|x); each is trained after the point's demo, from the
+same seed's `symmetric` run, and measured against the same opponents. Their rows add the compute they
+spent, the theory's prediction V(m) (the INS teacher's marginal) and where the deployed V lands between
+DPO (0) and V(m) (1); `dpo_long` is DPO at the stages' total steps, the equal-compute baseline.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from inspo_core.config import opt
 from workbench.report import seed_interval
@@ -38,7 +46,10 @@ class TransferConfig:
     sizes: list = opt(["xs", "s", "m", "l"], f"capacities of the world's LM: {', '.join(SIZES)}")
     worlds: list = opt(["cyclic:0", "cyclic:1", "bradley_terry", "salience"],
                        "worlds: cyclic:<bt> (tournament + bt x a separable score), bradley_terry, salience")
-    strategies: list = opt(["none", "symmetric", "averaged"], "strategies (none is the DPO baseline of the gap)")
+    strategies: list = opt(["none", "symmetric", "averaged"], "strategies (none is the DPO baseline of the gap) and "
+                           "stages after them (inspo_core.distill: revise, distill, dpo_long)")
+    stage_steps: int = opt(125, "optimizer steps of a stage (revise, distill); dpo_long trains max_steps + this")
+    stage_samples: int = opt(2000, "drafts y' ~ pi_ref (each with one revision) a stage's teacher samples per seed")
     w: float = opt(0.5, "weight of the symmetric term of `averaged`")
     seeds: list = opt([0, 1, 2], "training seeds (pairs re-sampled per seed)")
     vary: str = opt("", "side axes at the reference point, one key at a time: 'beta=0.1,2;max_steps=125,1000;"
@@ -66,6 +77,16 @@ class TransferConfig:
                 world_settings(w)
             except ValueError as e:
                 problems.append(str(e))
+        from inspo_core.distill import STAGES
+        from inspo_core.strategies import STRATEGIES
+
+        for s in self.strategies:
+            if s not in STRATEGIES and s not in STAGES:
+                problems.append(f"strategy {s!r} unknown; valid: {', '.join(STRATEGIES)} and the stages "
+                                f"{', '.join(STAGES)}")
+            elif s in STAGES and STAGES[s].after and STAGES[s].after not in self.strategies:
+                problems.append(f"stage {s!r} continues the {STAGES[s].after!r} runs: add {STAGES[s].after} to "
+                                "strategies")
         if "none" not in self.strategies:
             problems.append("strategies must include none: the transfer gap is measured against DPO")
         if len(self.seeds) < 2:
@@ -140,20 +161,31 @@ def points(cfg: TransferConfig) -> list[dict]:
 
 
 def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
+    from inspo_core.distill import STAGES, run_stages
+    from inspo_core.evaluate import write_json
     from workbench.demo import make_world, run_demo
     from workbench.demo_config import DemoConfig
 
     hidden, layers = SIZES[point["size"]]
     world = {"hidden_size": hidden, "num_layers": layers, **world_settings(point["world"])}
     family = world.pop("family")
-    demo = dict(world="token", family=family, seeds=list(cfg.seeds), strategies=list(cfg.strategies), w=cfg.w,
+    stages = [s for s in cfg.strategies if s in STAGES]
+    demo = dict(world="token", family=family, seeds=list(cfg.seeds),
+                strategies=[s for s in cfg.strategies if s not in STAGES], w=cfg.w,
                 beta=cfg.beta, max_steps=cfg.max_steps, n_pairs=cfg.n_pairs, n_eval=cfg.n_eval,
                 pretrain_steps=cfg.pretrain_steps, output_dir=str(Path(cfg.output_dir) / point["name"]),
                 cache_dir=cfg.cache_dir, resume=cfg.resume or (Path(cfg.output_dir) / point["name"]).is_dir())
     for k, v in point["setting"].items():
         (world if k in WORLD_KEYS else demo)[k] = v
     demo_cfg = DemoConfig(**demo)  # the demo's own world, with the point's capacity and preferences
-    return run_demo(demo_cfg, log=log, world=make_world(demo_cfg, **world))
+    the_world = make_world(demo_cfg, **world)
+    summary = run_demo(demo_cfg, log=log, world=the_world)
+    if stages:  # after the demo: the stages continue its runs; their records sit beside summary.json
+        extra = run_stages(stages, the_world, demo_cfg, summary, steps=cfg.stage_steps, n_samples=cfg.stage_samples,
+                           log=log)
+        write_json(Path(demo_cfg.output_dir) / "stages.json", {"stages": stages, "runs": extra})
+        summary = {**summary, "runs": summary["runs"] + extra}
+    return summary
 
 
 def run_transfer(cfg: TransferConfig, log=print) -> dict:
@@ -221,7 +253,12 @@ def parameters(summary: dict) -> int:
 
 def analyse_point(summary: dict) -> list[dict]:
     """One row per strategy: deployed and reflective V, gap to DPO and reflection gain (paired by
-    seed), and the deployed V's place between pi_ref (0) and pi_bar (1)."""
+    seed), and the deployed V's place between pi_ref (0) and pi_bar (1). Rows of stages
+    (inspo_core.distill) and of the strategy they continue add `marginal` (the theory's prediction
+    V(m) of the teacher's marginal, at the measurement's sampling), a stage's `toward_marginal`
+    ((V - V DPO) / (V(m) - V DPO): 0 at DPO, 1 at the prediction), `gap_vs_dpo_long` (against DPO at
+    equal steps, when measured), `oracle_agreement` (revise) and `compute` (steps, extra sampled
+    sequences, oracle labels; means over seeds)."""
     runs = summary["runs"]
     c = summary.get("ceilings", {}).get("identity", {})  # the token worlds' exact ceilings (a text world has none)
     v_ref = seed_interval([r["deployed"]["V_identity"] for r in runs if r["objective"] == "pi_ref"])[0]
@@ -243,7 +280,41 @@ def analyse_point(summary: dict) -> list[dict]:
                      "toward_pi_bar": (seed_interval(dep)[0] - v_ref) / span if span > 1e-9 else float("nan"),
                      "pi_ref": v_ref, "pi_bar": c.get("pi_bar", float("nan")),
                      "pi_star": c.get("pi_star", float("nan"))})
+    _stage_columns(rows, by_seed, summary.get("config", {}))
     return rows
+
+
+def _stage_columns(rows: list[dict], by_seed: dict, demo_config: dict) -> None:
+    """The stage columns of `analyse_point`, added in place."""
+    from inspo_core.distill import STAGES
+
+    steps = demo_config.get("max_steps")
+    dpo = {k: r["deployed"]["V_identity"] for (st, k), r in by_seed.items() if st == "none"}
+    marginal: dict[str, dict[int, float]] = {}  # teacher strategy -> seed -> V(m)
+    for (st, k), r in by_seed.items():
+        if "teacher_marginal" in r:
+            marginal.setdefault(STAGES[st].after, {})[k] = r["teacher_marginal"]["measured"]
+    for row in rows:
+        s = row["strategy"]
+        runs = {k: r for (st, k), r in by_seed.items() if st == s}
+        comp = [r.get("compute", {"steps": steps, "extra_sequences": 0}) for r in runs.values()]
+        row["compute"] = {key: float(np.mean([c[key] for c in comp])) for key in ("steps", "extra_sequences")
+                          if all(c.get(key) is not None for c in comp)}
+        teacher = STAGES[s].after if s in STAGES else s
+        if teacher in marginal:
+            row["marginal"] = seed_interval(list(marginal[teacher].values()))
+        if s in STAGES and STAGES[s].after and "marginal" in row and dpo:
+            span = row["marginal"][0] - float(np.mean(list(dpo.values())))
+            row["toward_marginal"] = ((row["deployed"][0] - float(np.mean(list(dpo.values())))) / span
+                                      if abs(span) > 1e-9 else float("nan"))
+        longer = {k: r["deployed"]["V_identity"] for (st, k), r in by_seed.items() if st == "dpo_long"}
+        if longer and s not in ("none", "dpo_long"):
+            row["gap_vs_dpo_long"] = seed_interval([runs[k]["deployed"]["V_identity"] - longer[k]
+                                                    for k in sorted(runs) if k in longer])
+        agree = [r["oracle_agreement"] for r in runs.values() if "oracle_agreement" in r]
+        if agree:
+            row["oracle_agreement"] = {key: float(np.mean([a[key] for a in agree]))
+                                       for key in ("mean_p", "better", "tie", "worse")}
 
 
 def _ci(t) -> str:
@@ -260,6 +331,21 @@ def format_point(p: dict) -> str:
         lines.append(f"    {r['strategy']:<10} deployed {r['deployed'][0]:.3f}  reflective "
                      f"{r['reflective'][0] if r['reflective'] else float('nan'):.3f}  gap vs DPO {_ci(r['gap_vs_dpo'])}"
                      f"  reflection gain {_ci(r['reflection_gain'])}  toward pi_bar {r['toward_pi_bar']:+.2f}")
+        extra = []
+        if "gap_vs_dpo_long" in r:
+            extra.append(f"gap vs DPO at equal steps {_ci(r['gap_vs_dpo_long'])}")
+        if "marginal" in r:
+            extra.append(f"V(marginal) {r['marginal'][0]:.3f}")
+        if "toward_marginal" in r:
+            extra.append(f"DPO -> V(marginal) {r['toward_marginal']:+.2f}")
+        if "oracle_agreement" in r:
+            a = r["oracle_agreement"]
+            extra.append(f"oracle on revision > draft: P {a['mean_p']:.3f}, better {a['better']:.2f} / tie "
+                         f"{a['tie']:.2f} / worse {a['worse']:.2f}")
+        if r.get("compute"):
+            extra.append(", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in r["compute"].items()))
+        if extra:
+            lines.append("               " + "; ".join(extra))
     return "\n".join(lines)
 
 

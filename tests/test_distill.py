@@ -1,0 +1,150 @@
+"""Reflection distillation (issue 21): the `distill` strategy's loss, the stage data builders, the
+oracle-agreement and marginal-value arithmetic, and the transfer study's stage columns."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from inspo_core.distill import (
+    STAGES, marginal_value, oracle_agreement, revision_pairs, teacher_rows,
+)
+from inspo_core.strategies import L_GIVEN_W, L_PLAIN, W_GIVEN_L, W_PLAIN, resolve_method, strategy_loss
+from inspo_core.worlds.token import TokenWorld, TokenWorldConfig
+
+
+def _logps(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {v: -torch.rand(3, generator=g, dtype=torch.float64) * 10 for v in [W_PLAIN, L_PLAIN, W_GIVEN_L, L_GIVEN_W]}
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "ipo"])
+def test_distill_is_the_chosen_nll_whatever_the_objective(objective):
+    """loss_i = -log pi(chosen | x)_i: with chosen log-probs (-1, -2.5, -7) the losses are (1, 2.5, 7);
+    the objective, its hyperparameters and the reference do not enter; only the plain chosen view
+    is in the graph (the draft's view is scored for the logs)."""
+    pol = {v: t.clone().requires_grad_(True) for v, t in _logps(0).items()}
+    pol[W_PLAIN] = torch.tensor([-1.0, -2.5, -7.0], dtype=torch.float64, requires_grad=True)
+    lengths = {"chosen": torch.tensor([3, 5, 2]), "rejected": torch.tensor([4, 1, 6])}
+    out = strategy_loss(objective, "distill", policy_logps=pol, ref_logps=None, lengths=lengths, beta=3.0)
+    assert_close(out.losses, torch.tensor([1.0, 2.5, 7.0], dtype=torch.float64))
+    assert_close(out.chosen_rewards, pol[W_PLAIN].detach())
+    assert_close(out.rejected_rewards, pol[L_PLAIN].detach())
+    out.losses.sum().backward()
+    assert_close(pol[W_PLAIN].grad, -torch.ones(3, dtype=torch.float64))
+    assert all(pol[v].grad is None for v in (L_PLAIN, W_GIVEN_L, L_GIVEN_W))
+    m = resolve_method(objective, "distill")
+    assert m.ref_views == [] and m.policy_views == [W_PLAIN, L_PLAIN] and not m.conditioned
+
+
+def test_distill_differs_from_dpo_on_the_same_views():
+    """A test of the test: the NLL is not DPO's loss on the same inputs."""
+    pol, ref = _logps(0), _logps(1)
+    lengths = {"chosen": torch.tensor([3, 5, 2]), "rejected": torch.tensor([4, 1, 6])}
+    a = strategy_loss("dpo", "distill", policy_logps=pol, ref_logps=ref, lengths=lengths).losses
+    b = strategy_loss("dpo", "none", policy_logps=pol, ref_logps=ref, lengths=lengths).losses
+    assert not torch.allclose(a, b)
+
+
+ROWS = [
+    {"prompt": "p", "context": 0, "draft": "Take the apple.", "revision": "Take the bread."},
+    {"prompt": "p", "context": 0, "draft": "Take the apple.", "revision": "Take the apple."},  # same text
+    {"prompt": "p", "context": 0, "draft": "", "revision": ""},  # an empty draft
+    {"prompt": "p", "context": 0, "draft": "Go with the figs.", "revision": ""},  # an empty revision
+    {"prompt": "p", "context": 0, "draft": "Go with the figs.", "revision": "I recommend the apple."},
+]
+
+
+def test_revision_pairs_and_teacher_rows():
+    pairs, left = revision_pairs(ROWS)
+    assert pairs == [{"prompt": "p", "chosen": "Take the bread.", "rejected": "Take the apple."},
+                     {"prompt": "p", "chosen": "I recommend the apple.", "rejected": "Go with the figs."}]
+    assert left == {"empty": 2, "same_text": 1}
+    rows, left = teacher_rows(ROWS)
+    assert [r["chosen"] for r in rows] == ["Take the bread.", "Take the apple.", "I recommend the apple."]
+    assert left == {"empty": 2}
+
+
+def _world():
+    return TokenWorld(TokenWorldConfig(family="cyclic", n_contexts=2, n_items=4, bt=0.0))
+
+
+def test_oracle_agreement_by_hand():
+    w = _world()
+    p = w.prompts[0]
+    a, b, c = (f"Take the {w.items[i]}." for i in range(3))
+    rows = [{"prompt": p, "context": 0, "draft": a, "revision": b},
+            {"prompt": p, "context": 0, "draft": b, "revision": a},
+            {"prompt": p, "context": 0, "draft": a, "revision": f"Go with the {w.items[0]}."},  # same item: 1/2
+            {"prompt": p, "context": 0, "draft": c, "revision": "nothing"},  # unparseable revision: loses
+            {"prompt": p, "context": 0, "draft": "", "revision": ""}]  # not counted
+    P = w.P[0]
+    got = oracle_agreement(w, rows)
+    probs = [P[1, 0], P[0, 1], 0.5, 0.0]
+    assert got["n"] == 4 and got["mean_p"] == pytest.approx(sum(probs) / 4)
+    assert got["tie"] == pytest.approx(0.25) and got["worse"] == pytest.approx(sum(q < 0.5 for q in probs) / 4)
+    assert got["better"] + got["tie"] + got["worse"] == pytest.approx(1.0)
+
+
+def test_marginal_value_equals_the_mean_over_all_pairs():
+    """The closed form over item distributions equals the slow obvious estimate: the mean of the
+    oracle's P over every (sample, opponent) pair of a prompt, prompts weighted equally — with
+    unparseable texts on both sides."""
+    w = _world()
+    rng = np.random.default_rng(0)
+    texts = [[f"Take the {w.items[i]}." if i < 4 else "no idea" for i in rng.integers(0, 5, size=n)] for n in (7, 11)]
+    opp = [[f"Go with the {w.items[i]}." if i < 4 else "hmm" for i in rng.integers(0, 5, size=n)] for n in (9, 5)]
+    slow = np.mean([np.mean([w.preference(w.prompts[x], a, b) for a in texts[x] for b in opp[x]]) for x in range(2)])
+    assert marginal_value(w, texts, opp) == pytest.approx(float(slow), abs=1e-12)
+    assert not math.isclose(marginal_value(w, texts, opp), marginal_value(w, opp, texts))  # not symmetric
+
+
+def test_stages_name_registry_strategies():
+    from inspo_core.strategies import STRATEGIES
+
+    assert all(s.strategy in STRATEGIES for s in STAGES.values())
+    assert STAGES["revise"].after == STAGES["distill"].after == "symmetric" and STAGES["dpo_long"].after is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(strategies=["none", "revise"]), "stage 'revise' continues the 'symmetric' runs"),
+    (dict(strategies=["none", "symmetric", "revize"]), "strategy 'revize' unknown"),
+])
+def test_transfer_config_checks_stages(bad, message):
+    from workbench.transfer import TransferConfig
+
+    with pytest.raises(ValueError, match=message):
+        TransferConfig(**bad)
+
+
+def test_stage_columns(tmp_path):
+    """toward_marginal = (V stage - V DPO) / (V(m) - V DPO) with means over seeds; the gap to DPO at
+    equal steps is paired by seed; compute and the oracle's agreement are means over seeds."""
+    from workbench.transfer import _stage_columns
+
+    def run(st, k, dep, **extra):
+        return {"strategy": st, "seed": k, "deployed": {"V_identity": dep}, "run_dir": "x", **extra}
+
+    by_seed = {}
+    for k, (dpo, sym, dist, long_, marg) in enumerate([(0.60, 0.55, 0.58, 0.59, 0.65), (0.62, 0.57, 0.61, 0.63, 0.66)]):
+        by_seed["none", k] = run("none", k, dpo)
+        by_seed["symmetric", k] = run("symmetric", k, sym)
+        by_seed["distill", k] = run("distill", k, dist, teacher_marginal={"measured": marg, "T1": 0.0},
+                                    compute={"steps": 500, "extra_sequences": 4000 + 10 * k})
+        by_seed["revise", k] = run("revise", k, dist - 0.01, oracle_agreement={"mean_p": 0.4 + 0.1 * k, "better": 0.5,
+                                                                               "tie": 0.2, "worse": 0.3},
+                                   compute={"steps": 500, "extra_sequences": 4000})
+        by_seed["dpo_long", k] = run("dpo_long", k, long_, compute={"steps": 500, "extra_sequences": 0})
+    rows = [{"strategy": s, "deployed": (float(np.mean([by_seed[s, k]["deployed"]["V_identity"] for k in (0, 1)])),)}
+            for s in ("none", "symmetric", "distill", "revise", "dpo_long")]
+    _stage_columns(rows, by_seed, {"max_steps": 375})
+    r = {x["strategy"]: x for x in rows}
+    assert r["distill"]["toward_marginal"] == pytest.approx((0.595 - 0.61) / (0.655 - 0.61))
+    assert r["distill"]["marginal"][0] == pytest.approx(0.655) and r["symmetric"]["marginal"][0] == pytest.approx(0.655)
+    assert r["distill"]["gap_vs_dpo_long"][0] == pytest.approx(((0.58 - 0.59) + (0.61 - 0.63)) / 2)
+    assert "gap_vs_dpo_long" not in r["none"] and "toward_marginal" not in r["symmetric"]
+    assert r["none"]["compute"] == {"steps": 375.0, "extra_sequences": 0.0}
+    assert r["distill"]["compute"] == {"steps": 500.0, "extra_sequences": 4005.0}
+    assert r["revise"]["oracle_agreement"]["mean_p"] == pytest.approx(0.45)
