@@ -232,3 +232,67 @@ def mean_ci_text(s: GradeSummary) -> str:
     lo, hi = s.ci
     band = "" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
     return f"{s.mean:.2f}{band} ({s.n} turns, {s.unparsed} unparsed)"
+
+
+class OracleGrader:
+    """A world's exact oracle as an MT-Bench-style grader: the score of an answer y to x is
+    1 + 9 E_{y' ~ pi_ref} P(y > y' | x), the expected win probability against the world's reference
+    opponents mapped onto 1..10 (5.5 is pi_ref's own level in expectation). Single-turn only: the
+    worlds' prompts have one turn."""
+
+    name = "oracle"
+
+    def __init__(self, world, opponents: dict[str, list[str]]):
+        self.world, self.opponents = world, opponents
+
+    def identity(self) -> dict:
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps(self.opponents, sort_keys=True).encode()).hexdigest()[:16]
+        return {"grader": self.name, "world": self.world.cfg.key(), "opponents": digest}
+
+    def grade(self, questions, answers, references=None, *, question_id: str | None = None) -> list[Grade]:
+        q, a = _as_turns(questions, "questions"), _as_turns(answers, "answers")
+        if len(q) != 1 or len(a) != 1:
+            raise ValueError("the oracle grader scores single-turn answers only (a world's prompts have one turn)")
+        opp = self.opponents.get(q[0])
+        if not opp:
+            raise ValueError(f"no reference opponents for the prompt {q[0][:60]!r}: is it one of the world's prompts?")
+        v = sum(self.world.preference(q[0], a[0], o) for o in opp) / len(opp)
+        return [Grade(question_id if question_id is not None else q[0], 1, 1.0 + 9.0 * float(v),
+                      f"E P(answer > pi_ref) = {v:.4f} over {len(opp)} opponents")]
+
+
+class GradeLog:
+    """Grades appended to a JSONL file as they finish, one line per graded conversation under its key
+    (as `inspo_core.evaluate.JudgementLog` does for judgements): a rerun reuses exactly its own work.
+    A line of any other shape is skipped and counted; its conversation is graded again."""
+
+    def __init__(self, path):
+        import json
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.done: dict[str, list[Grade]] = {}
+        self.skipped = 0
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    grades = [Grade(str(g["question"]), int(g["turn"]),
+                                    None if g["score"] is None else float(g["score"]), str(g["reply"]))
+                              for g in row["grades"]]
+                    self.done[str(row["key"])] = grades
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    self.skipped += 1
+
+    def add(self, key: str, grades: list[Grade]) -> None:
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": key, "grades": [g.__dict__ for g in grades]}) + "\n")
+        self.done[key] = grades

@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "inspo_core.config:TrainConfig", "workbench.train:run_train"),
     "eval": ("sample from checkpoints and a baseline, judge them, write eval.json", "workbench.evaluation:EvalConfig",
              "workbench.evaluation:run_eval"),
+    "protocol": ("the paper's Table 2 protocol: AlpacaEval LC/WR, Arena-Hard WR/SC, MT-Bench, one table",
+                 "workbench.protocol:ProtocolConfig", "workbench.protocol:run_protocol"),
     "sweep": ("a grid of training runs sharing the reference cache", "workbench.sweep:SweepConfig",
               "workbench.sweep:run_sweep"),
     "transfer": ("the transfer study: does INS-DPO's reflection reach the deployed policy? (capacity x world grid)",

@@ -1,0 +1,284 @@
+"""`python -m workbench protocol`: the paper's Table 2 protocol for a list of checkpoints against one baseline.
+
+Three prompt sets, one table in the paper's columns, each with its interval:
+- AlpacaEval 2: win rate (WR) and length-controlled win rate (LC) against the baseline's answers;
+- Arena-Hard: win rate (AH WR) and style-controlled win rate (AH SC: Bradley-Terry with length and
+  markdown covariates, `inspo_core.style_control`, one fit over every checkpoint);
+- MT-Bench: the mean 1-10 single-answer grade over every turn (MT), `inspo_core.grading`.
+
+A prompt set is `world` (the synthetic world's prompts; the checkpoints must be a world's), a file
+(.jsonl rows with `prompt`, `instruction` (AlpacaEval), or `turns` (MT-Bench, Arena-Hard v0.1); or
+.txt, one prompt per line), or a hub name (`alpaca_eval`, `arena_hard`, `mt_bench`; needs network,
+offline it is refused with the file to give instead). The pairwise judge is any `eval` judge (the
+world's oracle, a local LM, an OpenAI-compatible server); the grader is the world's oracle (expected
+win probability against pi_ref's opponents on 1..10), or the same local LM or server asked MT-Bench's
+single-answer prompt. Judgements and grades are keyed by everything that determines them, as in
+`eval`, so a rerun reuses exactly its own finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from inspo_core.config import opt
+from inspo_core.evaluate import (
+    JudgementLog, describe_checkpoint, generate_responses, judge_all, judgement_key, summarize, write_json,
+)
+from inspo_core.judges import JUDGES, make_judge
+from inspo_core.rundir import RunDir, model_dir
+
+# hub name -> (dataset, config, split, how a row becomes turns); loaded only when asked for, online
+HUB_SETS = {
+    "alpaca_eval": ("tatsu-lab/alpaca_eval", "alpaca_eval", "eval", lambda r: [r["instruction"]]),
+    "arena_hard": ("lmarena-ai/arena-hard-auto-v0.1", None, "train", lambda r: [t["content"] for t in r["turns"]]),
+    "mt_bench": ("HuggingFaceH4/mt_bench_prompts", None, "train", lambda r: list(r["prompt"])),
+}
+GRADERS = ("oracle", "llm", "http")
+# key -> (header, scale printed): win rates in percent, as the paper prints them; MT on 1..10
+COLUMNS = {"ae_lc": ("AE2 LC", 100), "ae_wr": ("AE2 WR", 100), "ah_wr": ("AH WR", 100), "ah_sc": ("AH SC", 100),
+           "mt": ("MT", 1)}
+
+
+@dataclass
+class ProtocolConfig:
+    checkpoints: list = opt([], "checkpoint directories (a run directory means its final/)")
+    baseline: str = opt("ref", "'ref' (the run's starting model, pi_ref in worlds) or a checkpoint directory")
+    alpaca_eval: str = opt("world", "AlpacaEval prompts: 'world', a file, or the hub name 'alpaca_eval' (online)")
+    arena_hard: str = opt("world", "Arena-Hard prompts: 'world', a file, or 'arena_hard' (online)")
+    mt_bench: str = opt("world", "MT-Bench questions: 'world', a .jsonl with 'turns' (and optional 'reference'), "
+                                 "or 'mt_bench' (online)")
+    judge: str = opt("oracle", "pairwise judge (AlpacaEval, Arena-Hard)", choices=list(JUDGES))
+    grader: str | None = opt(None, "MT-Bench grader: oracle, llm or http (default: the judge's kind; reward_model "
+                                   "has no grader)")
+    judge_model: str | None = opt(None, "judge LM directory (judge or grader llm)")
+    judge_url: str | None = opt(None, "OpenAI-compatible base URL (judge or grader http; default INSPO_JUDGE_BASE_URL)")
+    judge_name: str | None = opt(None, "the judge server's model name (default INSPO_JUDGE_MODEL)")
+    n_samples: int = opt(1, "answers per prompt from each model for AlpacaEval and Arena-Hard (the benchmarks: 1)")
+    mt_samples: int = opt(1, "answers per MT-Bench question (the benchmark: 1)")
+    mt_opponents: int = opt(16, "grader oracle: pi_ref opponents each answer is scored against")
+    temperature: float = opt(0.7, "sampling temperature (paper: 0.7)")
+    top_p: float = opt(0.95, "nucleus sampling (paper: 0.95)")
+    max_new_tokens: int = opt(64, "generation length cap (the benchmarks' models answer at up to 2048+)")
+    grader_max_tokens: int = opt(2048, "grader http/llm: tokens of the grader's reply")
+    seed: int = opt(0, "sampling seed (the same for every model)")
+    n_boot: int = opt(500, "bootstrap resamples for every interval")
+    output: str = opt("runs/protocol.json", "output JSON; the table goes beside it as .md, judgements and grades "
+                                            "as <stem>.judgements.jsonl and <stem>.grades.jsonl")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
+    cache_dir: str = opt(".cache/inspo", "where named models and world opponents are kept")
+
+    def __post_init__(self):
+        problems = []
+        if not self.checkpoints:
+            problems.append("protocol needs at least one checkpoint: --checkpoints runs/a,runs/b")
+        if self.grader is not None and self.grader not in GRADERS:
+            problems.append(f"grader={self.grader!r} is not one of: {', '.join(GRADERS)}")
+        if self.grader is None and self.judge not in GRADERS:
+            problems.append(f"judge={self.judge} has no single-answer grader: set --grader to one of {', '.join(GRADERS)}")
+        for k in ("n_samples", "mt_samples", "mt_opponents", "n_boot"):
+            if getattr(self, k) < 1:
+                problems.append(f"{k}={getattr(self, k)} must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def load_prompt_set(spec: str, world, what: str) -> list[dict]:
+    """[{id, turns: [str, ...], reference: [str, ...] | None}] of one prompt set (module docstring)."""
+    if spec == "world":
+        if world is None:
+            raise ValueError(f"--{what} world needs world checkpoints; give a prompt file or a hub name instead")
+        return [{"id": str(i), "turns": [p], "reference": None} for i, p in enumerate(world.prompts)]
+    if spec in HUB_SETS:
+        name, config, split, turns = HUB_SETS[spec]
+        try:
+            import datasets
+
+            rows = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # offline, or the hub moved it
+            raise ValueError(f"--{what} {spec}: could not load {name} from the hub ({type(e).__name__}: {str(e)[:200]}); "
+                             "offline, give the prompts as a .jsonl file instead") from None
+        return [{"id": str(r.get("question_id", i)), "turns": turns(r), "reference": r.get("reference") or None}
+                for i, r in enumerate(rows)]
+    p = Path(spec)
+    if not p.is_file():
+        raise ValueError(f"--{what} {spec!r}: not 'world', a hub name ({', '.join(HUB_SETS)}) or an existing file")
+    if p.suffix != ".jsonl":
+        return [{"id": str(i), "turns": [line], "reference": None}
+                for i, line in enumerate(x for x in p.read_text().splitlines() if x.strip())]
+    out = []
+    for i, line in enumerate(x for x in p.read_text().splitlines() if x.strip()):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{spec}: row {i} is not JSON") from None
+        if "turns" in r:
+            turns = [t["content"] if isinstance(t, dict) else t for t in r["turns"]]
+        elif "prompt" in r or "instruction" in r:
+            turns = [r.get("prompt", r.get("instruction"))]
+        else:
+            raise ValueError(f"{spec}: row {i} has none of 'turns', 'prompt', 'instruction'")
+        if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise ValueError(f"{spec}: row {i} has an empty or non-text turn")
+        ref = r.get("reference")
+        out.append({"id": str(r.get("question_id", i)), "turns": turns, "reference": list(ref) if ref else None})
+    return out
+
+
+def _grader(cfg: ProtocolConfig, world, ref_dir, judge_model):
+    from inspo_core.grading import OracleGrader, SingleAnswerGrader, http_chat, local_chat
+
+    kind = cfg.grader or cfg.judge
+    if kind == "oracle":
+        if world is None:
+            raise ValueError("grader oracle needs world checkpoints; use --grader llm or http")
+        opp = world.opponents(cfg.cache_dir, ref_dir, cfg.mt_opponents)
+        return OracleGrader(world, dict(zip(world.prompts, opp)))
+    if kind == "llm":
+        if not judge_model:
+            raise ValueError("grader llm needs --judge_model PATH")
+        chat = local_chat(judge_model, max_new_tokens=cfg.grader_max_tokens, trust_remote_code=cfg.trust_remote_code)
+    else:
+        chat = http_chat(cfg.judge_url, cfg.judge_name, max_tokens=cfg.grader_max_tokens)
+    return SingleAnswerGrader(chat, {"kind": kind, **chat.identity})
+
+
+def _pairwise(cfg, name, prompt_set, ckpts, ids, baseline, base_id, judge, jlog, gen, sampling, log) -> dict:
+    """Per checkpoint, the judgements of its answers against the baseline's on one prompt set."""
+    prompts = [q["turns"][0] for q in prompt_set]
+    log(f"{name}: sampling {cfg.n_samples} x {len(prompts)} answers from the baseline")
+    base = generate_responses(baseline, prompts, **gen)
+    out = {}
+    for ck in ckpts:
+        cand = generate_responses(ck, prompts, **gen)
+        items = [(judgement_key(candidate=ids[ck]["fingerprint"], baseline=base_id["fingerprint"], prompt=p, sample=k,
+                                a=a, b=b, sampling=sampling, judge=judge.identity()), p, a, b)
+                 for i, p in enumerate(prompts) for k, (a, b) in enumerate(zip(cand[i], base[i]))]
+        judged, calls = judge_all(judge, items, jlog)
+        out[ck] = (judged, calls)
+        log(f"  {ck}: {len(items)} judgements ({calls} judge calls, {len(items) - calls} reused)")
+    return out
+
+
+def _mt_answers(model, questions, cfg, gen1) -> list[list[list[str]]]:
+    """[question][sample][turn] answers; turn t is sampled with the conversation so far (its own earlier answers)."""
+    first = generate_responses(model, [q["turns"][0] for q in questions], **gen1)
+    out = []
+    for i, q in enumerate(questions):
+        convs = [[a] for a in first[i]]
+        for t in range(1, len(q["turns"])):
+            for conv in convs:
+                msgs = []
+                for u, a in zip(q["turns"][:t], conv):
+                    msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+                msgs.append({"role": "user", "content": q["turns"][t]})
+                conv.append(generate_responses(model, [msgs], **{**gen1, "n": 1})[0][0])
+        out.append(convs)
+    return out
+
+
+def _grade_model(model, model_id, questions, grader, glog, cfg, gen1, sampling):
+    from inspo_core.grading import summarize_grades
+
+    answers = _mt_answers(model, questions, cfg, gen1)
+    grades, calls = [], 0
+    for q, convs in zip(questions, answers):
+        for k, conv in enumerate(convs):
+            key = judgement_key(candidate=model_id["fingerprint"], question=q["turns"], reference=q["reference"],
+                                sample=k, answers=conv, sampling=sampling, grader=grader.identity())
+            if key not in glog.done:
+                glog.add(key, grader.grade(q["turns"], conv, q["reference"], question_id=q["id"]))
+                calls += 1
+            grades += glog.done[key]
+    return summarize_grades(grades, n_boot=cfg.n_boot, seed=cfg.seed), calls
+
+
+def _cell(value, ci, scale: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    lo, hi = ci
+    band = "" if math.isnan(lo) else f" [{lo * scale:.1f}, {hi * scale:.1f}]"
+    return f"{value * scale:.1f}{band}"
+
+
+def table_markdown(rows: dict[str, dict]) -> str:
+    head = "| model | " + " | ".join(h for h, _ in COLUMNS.values()) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(r.get(k), r.get(f"{k}_ci", [math.nan] * 2), scale)
+                                                  for k, (_, scale) in COLUMNS.items()) + " |")
+    return "\n".join(lines)
+
+
+def run_protocol(cfg: ProtocolConfig, log=print) -> dict:
+    from inspo_core.catalog import resolve_model
+    from inspo_core.grading import GradeLog
+    from inspo_core.style_control import style_controlled_win_rate
+    from inspo_core.worlds import world_of
+    from workbench.evaluation import check_output
+
+    ckpts = [model_dir(resolve_model(c, cfg.cache_dir)) for c in cfg.checkpoints]
+    found = world_of(ckpts[0])
+    world, ref_dir = found if found else (None, None)
+    if cfg.baseline == "ref":
+        if ref_dir is None:
+            run = RunDir.of_model(ckpts[0])
+            resolved = run.read_config().get("resolved_model") if run else None
+            if not resolved:
+                raise ValueError("baseline 'ref' needs a run directory (its config.yaml names the starting model); "
+                                 "give --baseline PATH instead")
+            ref_dir = Path(resolved)
+        baseline = ref_dir
+    else:
+        baseline = model_dir(resolve_model(cfg.baseline, cfg.cache_dir))
+    sets = {k: load_prompt_set(getattr(cfg, k), world, k) for k in ("alpaca_eval", "arena_hard", "mt_bench")}
+    judge_model = resolve_model(cfg.judge_model, cfg.cache_dir) if cfg.judge_model else None
+    judge = make_judge(cfg.judge, world=world, path=judge_model, base_url=cfg.judge_url, model=cfg.judge_name,
+                       trust_remote_code=cfg.trust_remote_code)
+    judge.check()  # an unreachable judge stops here, before any sampling
+    grader = _grader(cfg, world, ref_dir, judge_model)
+    out_path = Path(cfg.output)
+    check_output(out_path)
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    gen = dict(n=cfg.n_samples, trust_remote_code=cfg.trust_remote_code, **sampling)
+    gen1 = {**gen, "n": cfg.mt_samples}
+    ids = {ck: describe_checkpoint(ck) for ck in ckpts}
+    base_id = describe_checkpoint(baseline)
+    jlog = JudgementLog(out_path.with_name(out_path.stem + ".judgements.jsonl"))
+    glog = GradeLog(out_path.with_name(out_path.stem + ".grades.jsonl"))
+    rows = {str(ck): {} for ck in ckpts}
+    ae = _pairwise(cfg, "AlpacaEval", sets["alpaca_eval"], ckpts, ids, baseline, base_id, judge, jlog, gen, sampling, log)
+    for ck, (judged, calls) in ae.items():
+        s = summarize(judged, n_boot=cfg.n_boot, seed=cfg.seed)
+        rows[str(ck)].update(ae_wr=s["win_rate"], ae_wr_ci=s["win_rate_ci"], ae_lc=s["lc_win_rate"],
+                             ae_lc_ci=s["lc_win_rate_ci"], ae_judge_calls=calls)
+    ah = _pairwise(cfg, "Arena-Hard", sets["arena_hard"], ckpts, ids, baseline, base_id, judge, jlog, gen, sampling, log)
+    all_judged = [j for judged, _ in ah.values() for j in judged]
+    systems = [str(ck) for ck, (judged, _) in ah.items() for _ in judged]
+    sc = style_controlled_win_rate(all_judged, systems=systems, n_boot=cfg.n_boot, seed=cfg.seed)
+    for ck, (judged, calls) in ah.items():
+        s = summarize(judged, n_boot=cfg.n_boot, seed=cfg.seed)
+        rows[str(ck)].update(ah_wr=s["win_rate"], ah_wr_ci=s["win_rate_ci"], ah_sc=sc["sc_win_rate"][str(ck)],
+                             ah_sc_ci=sc["sc_win_rate_ci"][str(ck)], ah_judge_calls=calls)
+    log(f"MT-Bench: grading {len(sets['mt_bench'])} questions x {cfg.mt_samples} answers per model")
+    base_mt, _ = _grade_model(baseline, base_id, sets["mt_bench"], grader, glog, cfg, gen1, sampling)
+    for ck in ckpts:
+        s, calls = _grade_model(ck, ids[ck], sets["mt_bench"], grader, glog, cfg, gen1, sampling)
+        rows[str(ck)].update(mt=s.mean, mt_ci=s.ci, mt_unparsed=s.unparsed, mt_per_turn=s.per_turn,
+                             mt_grader_calls=calls)
+    table = table_markdown(rows)
+    doc = {"results": rows, "columns": {k: h for k, (h, _) in COLUMNS.items()}, "table": table, "baseline": str(baseline),
+           "baseline_identity": base_id, "baseline_mt": base_mt.as_dict(), "identities": {str(k): v for k, v in ids.items()},
+           "judge": cfg.judge, "judge_identity": judge.identity(), "grader_identity": grader.identity(),
+           "style_coefs": sc["style_coefs"], "style_features": sc["features"],
+           "prompt_sets": {k: {"source": getattr(cfg, k), "n": len(v)} for k, v in sets.items()},
+           "sampling": sampling, "n_samples": cfg.n_samples, "mt_samples": cfg.mt_samples}
+    write_json(out_path, doc)
+    out_path.with_suffix(".md").write_text(
+        f"Table 2 protocol against {baseline} (judge {cfg.judge}, grader {cfg.grader or cfg.judge}); win rates in %, "
+        f"95% bootstrap intervals over prompts; MT on 1..10 (baseline {base_mt.mean:.2f}).\n\n{table}\n")
+    log(table)
+    log(f"wrote {out_path} and {out_path.with_suffix('.md')}")
+    return doc
