@@ -129,14 +129,24 @@ def revision_pairs(rows: list[dict]) -> tuple[list[dict], dict]:
 
 
 def teacher_rows(rows: list[dict]) -> tuple[list[dict], dict]:
-    """Distillation rows (chosen = the teacher's sample, rejected = the draft it saw, for the logs);
-    a revision equal to its draft is a genuine teacher sample and stays."""
-    out, left = [], {"empty": 0}
-    for r in rows:
+    """Distillation rows (chosen = the teacher's sample, rejected = the draft it saw, scored for the
+    logs only). A revision equal to its draft is a genuine teacher sample and stays; since the data
+    loader drops rows whose chosen equals their rejected, such a row's rejected is another draft of
+    the same prompt (counted as `other_draft`; the loss never reads it)."""
+    out, left = [], {"empty": 0, "other_draft": 0}
+    for i, r in enumerate(rows):
         if not r["draft"] or not r["revision"]:
             left["empty"] += 1
-        else:
-            out.append({"prompt": r["prompt"], "chosen": r["revision"], "rejected": r["draft"]})
+            continue
+        rejected = r["draft"]
+        if rejected == r["revision"]:
+            rejected = next((q["draft"] for q in rows[i + 1:] + rows[:i] if q["prompt"] == r["prompt"] and q["draft"]
+                             and q["draft"] != r["revision"]), None)
+            if rejected is None:
+                left["empty"] += 1
+                continue
+            left["other_draft"] += 1
+        out.append({"prompt": r["prompt"], "chosen": r["revision"], "rejected": rejected})
     return out, left
 
 

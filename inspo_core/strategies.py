@@ -140,7 +140,7 @@ class Method:
 
     @property
     def ref_views(self) -> list[View]:
-        if not self.objective.needs_reference or self.strategy.imitate:
+        if not self.objective.needs_reference:  # `distill` keeps its objective's (unused, computed once, cached)
             return []
         return sorted({ref_view(v, self.ref_conditioning) for v in self.policy_views})
 

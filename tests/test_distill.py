@@ -36,7 +36,7 @@ def test_distill_is_the_chosen_nll_whatever_the_objective(objective):
     assert_close(pol[W_PLAIN].grad, -torch.ones(3, dtype=torch.float64))
     assert all(pol[v].grad is None for v in (L_PLAIN, W_GIVEN_L, L_GIVEN_W))
     m = resolve_method(objective, "distill")
-    assert m.ref_views == [] and m.policy_views == [W_PLAIN, L_PLAIN] and not m.conditioned
+    assert m.policy_views == [W_PLAIN, L_PLAIN] and not m.conditioned
 
 
 def test_distill_differs_from_dpo_on_the_same_views():
@@ -64,7 +64,9 @@ def test_revision_pairs_and_teacher_rows():
     assert left == {"empty": 2, "same_text": 1}
     rows, left = teacher_rows(ROWS)
     assert [r["chosen"] for r in rows] == ["Take the bread.", "Take the apple.", "I recommend the apple."]
-    assert left == {"empty": 2}
+    # the repeat keeps its sample; its rejected (for the logs) is the next other draft of the prompt
+    assert [r["rejected"] for r in rows] == ["Take the apple.", "Go with the figs.", "Go with the figs."]
+    assert left == {"empty": 2, "other_draft": 1}
 
 
 def _world():
