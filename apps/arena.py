@@ -21,6 +21,7 @@ from inspo_core.catalog import CATALOG, resolve_model
 from inspo_core.evaluate import Judgement, summarize
 from inspo_core.generation import ModelCache, stream_generate
 from inspo_core.judges import available_judges, make_judge
+from inspo_core.models import is_model_dir
 from inspo_core.rundir import RunDir
 from inspo_core.worlds import world_of
 
@@ -47,6 +48,8 @@ class Workbench:
         if not self.root.is_dir():
             return []
         found = {p.parent for p in self.root.rglob("config.json") if (p.parent / "model.safetensors").is_file()}
+        found |= {p.parent for p in self.root.rglob("adapter_config.json")  # LoRA runs' adapters
+                  if (p.parent / "adapter_model.safetensors").is_file()}
         return sorted(str(p.relative_to(self.root)) for p in found) + self.named_models()
 
     def default_pair(self) -> tuple[str | None, str | None]:
@@ -89,8 +92,8 @@ class Workbench:
         if not self.cfg.allow_any_path and not p.is_relative_to(self.root):
             raise gr.Error(f"{name} is outside the runs directory {self.root}; start the app with "
                            "--allow_any_path to load it.")
-        if not (p / "config.json").is_file():
-            raise gr.Error(f"{name} is not a checkpoint (no config.json there).")
+        if not is_model_dir(p):
+            raise gr.Error(f"{name} is not a checkpoint (no config.json or LoRA adapter_config.json there).")
         return p
 
     def example_prompts(self, ckpt: str | None) -> list[str]:

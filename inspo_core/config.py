@@ -87,6 +87,9 @@ class TrainConfig:
     seed: int = opt(0, "seed for data order, model init and LoRA init")
     lora: int = opt(0, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: float | None = opt(None, "LoRA alpha (default 2 * rank)")
+    merge_final: bool = opt(False, "LoRA runs: final/ and best/ hold the merged model (base + adapter, a plain HF "
+                            "checkpoint) instead of the adapter alone (peft's format, a few MB; every workbench tool "
+                            "opens both, and `workbench merge` merges one later)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
     sharding: str = opt("auto", "the training engine; auto: the one the launcher's accelerate config names "
                                "(distributed_type DEEPSPEED with zero_stage 3: zero3; FSDP with fsdp_version 2: "

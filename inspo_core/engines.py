@@ -133,9 +133,12 @@ class FSDP2(Engine):
         return full_state_dict(scorer)
 
     def write_model(self, lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
-        from inspo_core.checkpoint import save_gathered
+        from inspo_core.checkpoint import save_gathered, write_model
 
-        save_gathered(lm, tokenizer, path, state)  # one plain checkpoint; LoRA folded into the weights
+        if hasattr(lm, "peft_config") and not merge_lora:  # the adapter alone, from the gathered state
+            write_model(lm, tokenizer, path, state, merge_lora=False)
+        else:
+            save_gathered(lm, tokenizer, path, state)  # one plain checkpoint; LoRA folded into the weights
 
     def save_state(self, acc, scorer, lm, tokenizer, optimizer, path: Path) -> None:
         from inspo_core.sharding import save_sharded

@@ -113,6 +113,13 @@ def model_fingerprint(name_or_path: str, memo_dir: str | Path | None = None) -> 
         for k in VOLATILE_CONFIG_KEYS:
             doc.pop(k, None)
         h.update(json.dumps(doc, sort_keys=True).encode())
+    adapter = d / "adapter_config.json"
+    if adapter.is_file() and not conf.is_file():  # a LoRA adapter: its settings, its weights (below) and its base
+        doc = json.loads(adapter.read_text())
+        base = doc.pop("base_model_name_or_path", None)
+        h.update(json.dumps(doc, sort_keys=True).encode())
+        if base:
+            h.update(f"base:{model_fingerprint(base, memo_dir)}".encode())
     memo = Path(memo_dir) if memo_dir is not None else None
     for f in files:
         h.update(f"{f.name}:{file_sha256(f, memo)}".encode())

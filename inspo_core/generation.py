@@ -117,11 +117,11 @@ class ModelCache:
 
     def get_with_fingerprint(self, path: str | Path) -> tuple[tuple, str]:
         """((model, tokenizer, builder), the fingerprint of the weights that were loaded)."""
-        from inspo_core.models import load_model, load_tokenizer
+        from inspo_core.models import is_model_dir, load_model, load_tokenizer
 
         key = str(Path(path).resolve())
-        if not (Path(key) / "config.json").is_file():
-            raise ValueError(f"{path}: not a model directory (no config.json)")
+        if not is_model_dir(key):
+            raise ValueError(f"{path}: not a model directory (no config.json or LoRA adapter_config.json)")
         for _ in range(3):  # a checkpoint rewritten while it loads is loaded again
             fp = self.fingerprint(key)
             with self._lock:
@@ -145,7 +145,7 @@ class ModelCache:
 def _stat_signature(d: Path) -> tuple:
     from inspo_core.fingerprint import WEIGHT_PATTERNS
 
-    files = sorted({d / "config.json", *(f for pat in WEIGHT_PATTERNS for f in d.glob(pat))})
+    files = sorted({d / "config.json", d / "adapter_config.json", *(f for pat in WEIGHT_PATTERNS for f in d.glob(pat))})
     out = []
     for f in files:
         try:

@@ -1,7 +1,9 @@
 """Loading causal LMs and tokenizers, and building tiny ones offline.
 
 `load_model` / `load_tokenizer` take a hub name or a local directory (transformers Auto classes,
-safetensors, no remote code unless asked). `train_tokenizer` and `tiny_llama` build a byte-level
+safetensors, no remote code unless asked). A directory may also hold a LoRA adapter in peft's format
+(what a LoRA run writes to `final/` and `best/`): `load_model` then loads its base model with the
+adapter folded in (`AutoPeftModelForCausalLM` + `merge_and_unload`), a plain causal LM like any other. `train_tokenizer` and `tiny_llama` build a byte-level
 BPE tokenizer and a small Llama from a config with no download, for tests, worlds and the demo.
 """
 
@@ -100,12 +102,48 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_t
     return tok
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # peft's adapter directory
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A peft adapter directory (adapter_config.json, no config.json of a whole model)."""
+    p = Path(path)
+    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """A directory `load_model` opens: a saved model (config.json) or a LoRA adapter (adapter_config.json)."""
+    p = Path(path)
+    return (p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter directory names (peft's base_model_name_or_path)."""
+    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}: {ADAPTER_CONFIG} names no base_model_name_or_path; the adapter cannot be loaded")
+    return base
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = "sdpa"):
-    """`AutoModelForCausalLM.from_pretrained` with safetensors only and no remote code by default."""
+    """`AutoModelForCausalLM.from_pretrained` with safetensors only and no remote code by default; a LoRA adapter
+    directory gives its base model with the adapter merged."""
     from transformers import AutoModelForCausalLM
 
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if is_adapter_dir(name_or_path):
+        from peft import AutoPeftModelForCausalLM
+
+        base = adapter_base(name_or_path)
+        try:
+            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                             trust_remote_code=trust_remote_code, **kw)
+        except (OSError, ValueError, ImportError, KeyError) as e:
+            raise ValueError(f"could not load the LoRA adapter {name_or_path!r} over its base model {base!r}: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:300]} (the base must still be there: "
+                             "an adapter holds only the LoRA weights)") from None
+        return model.merge_and_unload()
     try:
         return AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw

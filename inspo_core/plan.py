@@ -24,7 +24,7 @@ from inspo_core.config import TrainConfig
 from inspo_core.distributed import check_shared_directory
 from inspo_core.engines import Engine
 from inspo_core.data import load_rows, prepare_rows, split_rows
-from inspo_core.models import build_tiny, load_model, load_tokenizer
+from inspo_core.models import build_tiny, is_model_dir, load_model, load_tokenizer
 from inspo_core.refcache import RefCache, RefStats, compute_ref_logps
 from inspo_core.rundir import RESUME_FREE_KEYS, RunDir
 from inspo_core.strategies import L_PLAIN, W_PLAIN, Method, View, resolve_method
@@ -182,9 +182,10 @@ def check_model_source(source: str, what: str = "model") -> None:
     """A clear error for a path that is not a model, before transformers' own messages."""
     p = Path(source)
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ValueError(f"{what} {source!r} is a directory without config.json, not a saved model; point it at "
-                             "a directory written by save_pretrained (a run's final/), or a hub name")
+        if not is_model_dir(p):
+            raise ValueError(f"{what} {source!r} is a directory without config.json (or a LoRA adapter's "
+                             "adapter_config.json), not a saved model; point it at a directory written by "
+                             "save_pretrained (a run's final/), or a hub name")
         return
     if p.exists():
         raise ValueError(f"{what} {source!r} is a file; give the directory that holds the model")
@@ -227,7 +228,11 @@ def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
         torch.manual_seed(cfg.seed)
         lcfg = LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha or 2 * cfg.lora, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
-        return get_peft_model(base, lcfg)
+        model = get_peft_model(base, lcfg)
+        # what a saved adapter names as its base: absolute, so it loads from any working directory
+        model.peft_config["default"].base_model_name_or_path = str(Path(source).resolve()) if Path(source).is_dir() \
+            else source
+        return model
     return load_model(str(resume_from or source), dtype=dtype, trust_remote_code=cfg.trust_remote_code)
 
 

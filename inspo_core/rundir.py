@@ -34,7 +34,7 @@ ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "best", "ev
 # keys that may differ between a run and its resume: they change where and how often things are
 # written, not the trajectory of the weights
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "output_dir", "cache_dir", "save_every", "save_total_limit",
-                              "log_every", "eval_every", "report_to"})
+                              "log_every", "eval_every", "report_to", "merge_final"})
 
 
 class RunDir:
@@ -141,12 +141,16 @@ def config_hash(conf: dict[str, Any]) -> str:
 
 
 def model_dir(path: str | Path) -> Path:
-    """A model directory from a checkpoint path or a run directory (its final/)."""
+    """A model directory (a whole model, or a LoRA run's adapter) from a checkpoint path or a run directory
+    (its final/)."""
+    from inspo_core.models import is_model_dir
+
     p = Path(path)
-    if (p / "final" / "config.json").is_file():
+    if is_model_dir(p / "final"):
         return p / "final"
-    if not (p / "config.json").is_file():
-        raise ValueError(f"{path}: not a checkpoint (no config.json) and not a run directory (no final/)")
+    if not is_model_dir(p):
+        raise ValueError(f"{path}: not a checkpoint (no config.json or adapter_config.json) and not a run directory "
+                         "(no final/)")
     return p
 
 

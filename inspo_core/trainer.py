@@ -287,7 +287,7 @@ class Trainer:
                     if sess.best is None or ev["eval/loss"] < sess.best:
                         sess.best = ev["eval/loss"]
                         save_model(acc, engine, scorer, acc.unwrap_model(scorer).lm, plan.tokenizer, run.best,
-                                   merge_lora=True)
+                                   merge_lora=cfg.merge_final)
             if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
                 self._checkpoint(scorer, optimizer, scheduler, done, sess.best)
         progress.close()
@@ -298,7 +298,7 @@ class Trainer:
         cfg, acc, plan, run, sess = self.cfg, self.acc, self.plan, self.plan.run, self.session
         self._check_finite_weights(sess.scorer, plan.total_steps)
         save_model(acc, plan.engine, sess.scorer, acc.unwrap_model(sess.scorer).lm, plan.tokenizer, run.final,
-                   merge_lora=True)
+                   merge_lora=cfg.merge_final)
         if cfg.save_every:
             self._checkpoint(sess.scorer, sess.optimizer, sess.scheduler, plan.total_steps, sess.best)
         if cfg.report_to:

@@ -103,12 +103,13 @@ def test_two_lora_steps_of_ins_dpo_with_the_reference_cache(smollm2, tmp_path):
     reset_accelerate_state()
     second = Trainer(load_config(TrainConfig, None, {**kw, "output_dir": str(tmp_path / "b"), "seed": 1})).run()
     assert second.ref_stats.cache_hit  # keyed on the base model: a reseeded LoRA run reuses it
-    assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "a" / "final" / "adapter_model.safetensors").is_file()  # the adapter only, no 538 MB copy
+    assert not (tmp_path / "a" / "final" / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
 def chat_runs(smollm2, tmp_path_factory):
-    """runs/ holding a LoRA INS-DPO run trained from SmolLM2 (2 steps, merged into final/)."""
+    """runs/ holding a LoRA INS-DPO run trained from SmolLM2 (2 steps, its adapter in final/)."""
     from inspo_core.trainer import reset_accelerate_state
     from inspo_core.config import TrainConfig, load_config
     from inspo_core.trainer import Trainer

@@ -196,9 +196,11 @@ def test_lora_keeps_one_copy_of_the_base_weights(tmp_path, cache_dir, monkeypatc
     want, _ = compute_ref_logps(base, t.plan.train_pairs, t.plan.method.ref_views, batch_size=4, pad_id=t.plan.pad_id)
     for v in t.plan.method.ref_views:
         assert_close(t.plan.ref_train[v], want[v], atol=1e-5, rtol=1e-6)
-    from transformers import AutoModelForCausalLM
+    from peft import AutoPeftModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(res.run_dir / "final")  # merged: a plain causal LM
+    final = res.run_dir / "final"  # the adapter alone (peft's format), opened over its base by peft itself
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    merged = AutoPeftModelForCausalLM.from_pretrained(final).merge_and_unload()
     assert not any("lora" in k for k in merged.state_dict())
     assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
 

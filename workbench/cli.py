@@ -56,6 +56,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "workbench.models:ModelsConfig", "workbench.models:run_models"),
     "serve": ("an OpenAI-compatible chat-completions endpoint for a checkpoint", "workbench.serve:ServeConfig",
               "workbench.serve:serve"),
+    "merge": ("a LoRA run's adapter folded into its base model, written as one plain checkpoint",
+              "workbench.merge:MergeConfig", "workbench.merge:run_merge"),
 }
 
 
