@@ -146,7 +146,9 @@ def check_resume_config(cfg: TrainConfig, saved: dict | None, ckpt: Path) -> Non
     """A resume continues the same run: every key that changes the run must equal the checkpoint's."""
     if saved is None:
         return  # a checkpoint from before configs were recorded in it
-    now = dataclasses.asdict(cfg)
+    from inspo_core.launch import resolve_launch
+
+    now = dataclasses.asdict(resolve_launch(cfg)[0])  # sharding auto and bf16 null as this launch resolves them
     differ = sorted(k for k in now if k not in RESUME_FREE_KEYS and k in saved and saved[k] != now[k])
     if differ:
         parts = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in differ]

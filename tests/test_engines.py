@@ -155,3 +155,22 @@ def test_setup_builds_a_plan_without_training(tmp_path, cache_dir, monkeypatch):
 def test_train_before_setup_is_refused(tmp_path, cache_dir):
     with pytest.raises(AssertionError, match="setup"):
         Trainer(load_config(TrainConfig, None, dict(model="tiny", data="x", output_dir=str(tmp_path)))).train()
+
+
+def test_resume_check_compares_what_auto_resolves_to(monkeypatch, tmp_path):
+    """A config with sharding auto / bf16 null (the defaults) continues a run recorded with what they resolved to
+    (the demo checks its runs this way), and a recorded engine this launch would not choose is named."""
+    import dataclasses
+
+    from inspo_core.plan import check_resume_config
+
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(key, raising=False)
+    now = tcfg()
+    saved = dataclasses.asdict(now) | {"sharding": "none", "bf16": False}
+    check_resume_config(now, saved, tmp_path)
+    with pytest.raises(ValueError, match="sharding: 'zero3' in the checkpoint, 'none' now"):
+        check_resume_config(now, saved | {"sharding": "zero3"}, tmp_path)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="bf16: False in the checkpoint, True now"):
+        check_resume_config(now, saved, tmp_path)
