@@ -150,3 +150,14 @@ def test_stage_columns(tmp_path):
     assert r["none"]["compute"] == {"steps": 375.0, "extra_sequences": 0.0}
     assert r["distill"]["compute"] == {"steps": 500.0, "extra_sequences": 4005.0}
     assert r["revise"]["oracle_agreement"]["mean_p"] == pytest.approx(0.45)
+    from workbench.transfer import format_stage_table
+
+    for x in rows:
+        x.update(reflective=None, gap_vs_dpo=None if x["strategy"] == "none" else (-0.01, -0.03, 0.01))
+    table = format_stage_table({"points": [{"name": "p", "rows": rows}]}).splitlines()
+    assert len(table) == 6 and table[0].split()[:2] == ["point", "strategy"]
+    dist = table[3].split()
+    assert dist[:6] == ["p", "distill", "0.595", "-", "-0.010", "±"] and dist[6] == "0.020"
+    assert "0.655" in dist and "-0.33" in dist and "500" in dist and "4005" in dist  # V(m), toward, steps, extra
+    assert table[4].split()[-1] == "0.450"  # revise: the oracle's mean P(revision > draft)
+    assert format_stage_table({"points": [{"name": "p", "rows": rows[:2]}]}) == ""  # no stage: no table

@@ -217,6 +217,9 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict:
         log(format_point(entry))
     log(f"\n{format_table(doc)}\n(mean ± 95% t half-width over seeds; * = the interval excludes 0; "
         f"{doc['minutes']:.0f} min)")
+    stages = format_stage_table(doc)
+    if stages:
+        log(f"\nstages (inspo_core.distill):\n{stages}")
     held = findings(doc)
     log("\n".join(["across seeds:"] + held) if held else "no gap or gain is separated from 0 across these seeds")
     return doc
@@ -376,6 +379,34 @@ def format_table(doc: dict) -> str:
                 + "".join(f"  {_pm(rows[s]['gap_vs_dpo']) if s in rows else '-':<16}" for s in others)
                 + "".join(f"  {_pm(rows[s]['reflection_gain']) if s in rows else '-':<16}" for s in strategies))
         lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def format_stage_table(doc: dict) -> str:
+    """One line per point and strategy of the points that ran stages: deployed and reflective V, the gap
+    to DPO and to DPO at equal steps (mean ± 95% half-width, * = excludes 0), V(m) of the INS teacher's
+    marginal (the theory's prediction for distillation), where the deployed V lands from DPO (0) to V(m)
+    (1), the compute (optimizer steps, sequences sampled beyond DPO's) and, for revise, the oracle's mean
+    P(revision > draft). Empty when no point ran a stage."""
+    from inspo_core.distill import STAGES
+
+    pts = [p for p in doc["points"] if any(r["strategy"] in STAGES for r in p["rows"])]
+    if not pts:
+        return ""
+    width = max([len(p["name"]) for p in pts] + [5]) + 2
+    lines = [f"{'point':<{width}}{'strategy':<10} {'V dep':>6} {'V refl':>6}  {'gap vs DPO':<16}  "
+             f"{'gap vs DPO@steps':<16}  {'V(m)':>6} {'toward':>6} {'steps':>5} {'extra':>6} {'P(rev>draft)':>12}"]
+    for p in pts:
+        for r in p["rows"]:
+            refl = f"{r['reflective'][0]:.3f}" if r.get("reflective") else "-"
+            marg = f"{r['marginal'][0]:.3f}" if "marginal" in r else "-"
+            toward = f"{r['toward_marginal']:+.2f}" if "toward_marginal" in r else "-"
+            comp = r.get("compute", {})
+            agree = f"{r['oracle_agreement']['mean_p']:.3f}" if "oracle_agreement" in r else "-"
+            lines.append(f"{p['name']:<{width}}{r['strategy']:<10} {r['deployed'][0]:>6.3f} {refl:>6}  "
+                         f"{_pm(r['gap_vs_dpo']):<16}  {_pm(r.get('gap_vs_dpo_long')):<16}  {marg:>6} {toward:>6} "
+                         f"{comp.get('steps', float('nan')):>5.0f} {comp.get('extra_sequences', float('nan')):>6.0f} "
+                         f"{agree:>12}")
     return "\n".join(lines)
 
 
