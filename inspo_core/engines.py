@@ -50,6 +50,11 @@ class Engine:
         """The context models are loaded in (the policy and a separate reference)."""
         return contextlib.nullcontext()
 
+    def reference_autocast(self, acc, bf16: bool):
+        """The precision context of the reference pass (whole fp32 weights, before the engine wraps them), so its
+        log-probs are computed as the policy's are and the cache's bf16/fp32 key means one thing."""
+        return acc.autocast()
+
     def shard(self, acc, scorer):
         """The scorer before its optimizer is built (FSDP2 replaces the parameters here)."""
         return scorer
@@ -184,6 +189,11 @@ class Zero3(Engine):
             yield
         finally:
             acc.state.deepspeed_plugin.set_deepspeed_weakref()
+
+    def reference_autocast(self, acc, bf16: bool):
+        # under DeepSpeed accelerate's autocast is off (DeepSpeed's bf16 mode casts the weights instead), so the
+        # reference pass over whole fp32 weights autocasts itself, as the other engines' bf16 passes do
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def prepare(self, acc, scorer, optimizer, plan):
         ds = acc.state.deepspeed_plugin.deepspeed_config  # DeepSpeed needs the real batch sizes (its world)

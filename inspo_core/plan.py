@@ -276,7 +276,7 @@ def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pair
             def compute(pairs=pairs):
                 model = get_ref()
                 ctx = model.disable_adapter() if cfg.lora else contextlib.nullcontext()  # LoRA: the base model
-                with ctx, acc.autocast():
+                with ctx, engine.reference_autocast(acc, cfg.bf16):
                     return compute_ref_logps(model, pairs, views, batch_size=cfg.batch_size, pad_id=pad_id,
                                              chunk_mb=cfg.logps_chunk_mb, packing=cfg.packing,
                                              mask_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)

@@ -138,16 +138,23 @@ def test_fsdp2_resume_from_sharded_checkpoints(runs, tmp_path):
 
 
 def test_lora_with_fsdp2(runs, tmp_path):
-    """LoRA adapters trained under FSDP2 (base sharded, frozen) give the single process's merged model."""
+    """LoRA adapters trained under FSDP2 (base sharded, frozen) give the single process's model: FSDP2's final/ is
+    the adapter alone (gathered, peft's format), opened over its base by peft; the single process merges on
+    request (--merge_final) into one plain checkpoint."""
+    from peft import AutoPeftModelForCausalLM
+
     _, cache, _, _ = runs
     kw = ["--lr", "1e-2", "--max_steps", "3", "--lora", "4"]
-    train(tmp_path / "one", cache, *kw, "--batch_size", "4")
+    train(tmp_path / "one", cache, *kw, "--batch_size", "4", "--merge_final", "true")
     train(tmp_path / "two", cache, *kw, "--batch_size", "2", "--sharding", "fsdp2", procs=2)
     assert_close(torch.tensor(rows(tmp_path / "two", "loss")), torch.tensor(rows(tmp_path / "one", "loss")),
                  atol=1e-5, rtol=0)
-    a, b = load_file(str(tmp_path / "one" / "final" / "model.safetensors")), load_file(str(tmp_path / "two" / "final" /
-                                                                                         "model.safetensors"))
-    assert sorted(a) == sorted(b) and not any("lora" in k for k in b)
+    adapter = tmp_path / "two" / "final"
+    assert not (adapter / "model.safetensors").exists()
+    assert all("lora_" in k for k in load_file(str(adapter / "adapter_model.safetensors")))
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = AutoPeftModelForCausalLM.from_pretrained(adapter).merge_and_unload().state_dict()
+    assert not any("lora" in k for k in a)
     for k in a:
         assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
@@ -159,16 +166,14 @@ def test_lora_with_fsdp2(runs, tmp_path):
 # makes ZeRO-3 gather every parameter for every forward, as it does for a model too large to keep.
 ZERO3_GATHER_ALWAYS = """
 import sys
-from inspo_core import trainer
-engine = trainer.Trainer._engine
-def gather_always(self, policy):
-    plugin = self.acc.state.deepspeed_plugin
-    if plugin is not None:
-        plugin.deepspeed_config["zero_optimization"].update(
-            stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0, stage3_max_live_parameters=0,
-            stage3_prefetch_bucket_size=0)
-    return engine(self, policy)
-trainer.Trainer._engine = gather_always
+from inspo_core.engines import Zero3
+prepare = Zero3.prepare
+def gather_always(self, acc, scorer, optimizer, plan):
+    acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"].update(
+        stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0, stage3_max_live_parameters=0,
+        stage3_prefetch_bucket_size=0)
+    return prepare(self, acc, scorer, optimizer, plan)
+Zero3.prepare = gather_always
 from workbench.cli import main
 sys.exit(main())
 """
