@@ -79,6 +79,32 @@ def test_protocol_writes_the_table_offline_and_reuses_its_work(world_models, tmp
     assert doc2["table"] == doc["table"]
 
 
+def test_protocol_against_fixed_baseline_answers(world_models, tmp_path):
+    """--baseline answers: each prompt row carries the baseline's answer (AlpacaEval's `output`); every
+    sample is judged against it, the win rate is the mean oracle probability against it, and MT-Bench
+    has no baseline row. A row without an answer is refused, naming it."""
+    world, ref, other, cache = world_models
+    rows = tmp_path / "ae.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": p, "output": f"Take the {world.items[i % 2]}."}) + "\n"
+                            for i, p in enumerate(world.prompts)))
+    out = tmp_path / "protocol.json"
+    args = ["protocol", "--checkpoints", str(other), "--baseline", "answers", "--alpaca_eval", str(rows),
+            "--arena_hard", str(rows), "--n_samples", "3", "--n_boot", "50", "--output", str(out), "--cache_dir",
+            str(cache)]
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    judged = [json.loads(line) for line in out.with_name("protocol.judgements.jsonl").read_text().splitlines()]
+    fixed = {p: f"Take the {world.items[i % 2]}." for i, p in enumerate(world.prompts)}
+    assert len(judged) == 3 * len(world.prompts) and all(j["b"] == fixed[j["prompt"]] for j in judged)
+    want = sum(world.preference(j["prompt"], j["a"], j["b"]) for j in judged) / len(judged)
+    assert doc["results"][str(other)]["ae_wr"] == pytest.approx(want)
+    assert doc["baseline_mt"] is None and "fixed baseline answers" in doc["baseline"]
+    rows.write_text(json.dumps({"instruction": world.prompts[0]}) + "\n")
+    res = cli(*args[:-4], "--output", str(tmp_path / "p2.json"), "--cache_dir", str(cache))
+    assert res.returncode != 0 and "row 0 (and 0 more) carries no baseline answer" in res.stderr
+
+
 def test_protocol_names_what_is_missing(world_models, tmp_path):
     world, ref, other, cache = world_models
     res = cli("protocol", "--checkpoints", str(ref), "--alpaca_eval", "alpaca_eval", "--output",
@@ -131,3 +157,28 @@ def test_oracle_grader_by_hand():
         grader.grade(["x?", "z?"], ["good", "bad"])
     with pytest.raises(ValueError, match="no reference opponents"):
         grader.grade("unknown?", "good")
+
+
+@pytest.mark.slow
+def test_protocol_with_smollm2_as_local_judge_and_grader(world_models, tmp_path):
+    """SmolLM2-135M-Instruct (the project's offline instruct model) judges pairwise and grades, on one
+    prompt from a file: the command completes, and the grader's replies, which at this size rarely state
+    a rating, are counted as unparsed rather than scored."""
+    from inspo_core.catalog import resolve_model
+
+    cache_tests = Path(os.environ.get("INSPO_TEST_CACHE", Path.home() / ".cache" / "inspo-tests"))  # as test_smollm2
+    smol = resolve_model("smollm2", cache_tests, log=print)
+    world, ref, other, cache = world_models
+    prompts = tmp_path / "one.txt"
+    prompts.write_text(world.prompts[0] + "\n")
+    out = tmp_path / "protocol.json"
+    res = cli("protocol", "--checkpoints", f"{ref},{other}", "--judge", "llm", "--grader", "llm", "--judge_model",
+              str(smol), "--alpaca_eval", str(prompts), "--arena_hard", str(prompts), "--mt_bench", str(prompts),
+              "--grader_max_tokens", "8", "--max_new_tokens", "16", "--n_boot", "20", "--output", str(out),
+              "--cache_dir", str(cache), timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    for r in doc["results"].values():
+        assert 0 <= r["ae_wr"] <= 1 and 0 <= r["ah_sc"] <= 1
+        assert r["mt_unparsed"] + (0 if r["mt"] != r["mt"] else 1) == 1  # one turn: rated or counted as unparsed
+    assert doc["judge_identity"]["judge"] == "llm" and doc["grader_identity"]["kind"] == "llm"

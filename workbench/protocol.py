@@ -45,7 +45,9 @@ COLUMNS = {"ae_lc": ("AE2 LC", 100), "ae_wr": ("AE2 WR", 100), "ah_wr": ("AH WR"
 @dataclass
 class ProtocolConfig:
     checkpoints: list = opt([], "checkpoint directories (a run directory means its final/)")
-    baseline: str = opt("ref", "'ref' (the run's starting model, pi_ref in worlds) or a checkpoint directory")
+    baseline: str = opt("ref", "'ref' (the run's starting model, pi_ref in worlds), a checkpoint directory, or "
+                               "'answers': the fixed baseline answers the prompt rows carry ('output', as AlpacaEval's "
+                               "GPT-4 answers, or 'baseline'); MT-Bench then has no baseline row")
     alpaca_eval: str = opt("world", "AlpacaEval prompts: 'world', a file, or the hub name 'alpaca_eval' (online)")
     arena_hard: str = opt("world", "Arena-Hard prompts: 'world', a file, or 'arena_hard' (online)")
     mt_bench: str = opt("world", "MT-Bench questions: 'world', a .jsonl with 'turns' (and optional 'reference'), "
@@ -100,8 +102,8 @@ def load_prompt_set(spec: str, world, what: str) -> list[dict]:
         except Exception as e:  # offline, or the hub moved it
             raise ValueError(f"--{what} {spec}: could not load {name} from the hub ({type(e).__name__}: {str(e)[:200]}); "
                              "offline, give the prompts as a .jsonl file instead") from None
-        return [{"id": str(r.get("question_id", i)), "turns": turns(r), "reference": r.get("reference") or None}
-                for i, r in enumerate(rows)]
+        return [{"id": str(r.get("question_id", i)), "turns": turns(r), "reference": r.get("reference") or None,
+                 "baseline": r.get("output") or r.get("baseline")} for i, r in enumerate(rows)]
     p = Path(spec)
     if not p.is_file():
         raise ValueError(f"--{what} {spec!r}: not 'world', a hub name ({', '.join(HUB_SETS)}) or an existing file")
@@ -123,8 +125,20 @@ def load_prompt_set(spec: str, world, what: str) -> list[dict]:
         if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise ValueError(f"{spec}: row {i} has an empty or non-text turn")
         ref = r.get("reference")
-        out.append({"id": str(r.get("question_id", i)), "turns": turns, "reference": list(ref) if ref else None})
+        row = {"id": str(r.get("question_id", i)), "turns": turns, "reference": list(ref) if ref else None}
+        if r.get("output") or r.get("baseline"):
+            row["baseline"] = r.get("output") or r.get("baseline")
+        out.append(row)
     return out
+
+
+def fixed_answers(prompt_set: list[dict], what: str) -> list[str]:
+    """The baseline answer each row carries (--baseline answers); a row without one is an error naming it."""
+    missing = [q["id"] for q in prompt_set if not isinstance(q.get("baseline"), str) or not q["baseline"].strip()]
+    if missing:
+        raise ValueError(f"--baseline answers: --{what} row {missing[0]} (and {len(missing) - 1} more) carries no "
+                         "baseline answer ('output' or 'baseline' field); give a file whose rows do, or a baseline model")
+    return [q["baseline"] for q in prompt_set]
 
 
 def _grader(cfg: ProtocolConfig, world, ref_dir, judge_model):
@@ -148,8 +162,12 @@ def _grader(cfg: ProtocolConfig, world, ref_dir, judge_model):
 def _pairwise(cfg, name, prompt_set, ckpts, ids, baseline, base_id, judge, jlog, gen, sampling, log) -> dict:
     """Per checkpoint, the judgements of its answers against the baseline's on one prompt set."""
     prompts = [q["turns"][0] for q in prompt_set]
-    log(f"{name}: sampling {cfg.n_samples} x {len(prompts)} answers from the baseline")
-    base = generate_responses(baseline, prompts, **gen)
+    if baseline is None:  # fixed answers: the same one stands against every sample
+        base = [[a] * cfg.n_samples for a in fixed_answers(prompt_set, name)]
+        base_id = {"fingerprint": judgement_key(fixed_answers=[b[0] for b in base])}
+    else:
+        log(f"{name}: sampling {cfg.n_samples} x {len(prompts)} answers from the baseline")
+        base = generate_responses(baseline, prompts, **gen)
     out = {}
     for ck in ckpts:
         cand = generate_responses(ck, prompts, **gen)
@@ -222,7 +240,9 @@ def run_protocol(cfg: ProtocolConfig, log=print) -> dict:
     ckpts = [model_dir(resolve_model(c, cfg.cache_dir)) for c in cfg.checkpoints]
     found = world_of(ckpts[0])
     world, ref_dir = found if found else (None, None)
-    if cfg.baseline == "ref":
+    if cfg.baseline == "answers":
+        baseline = None
+    elif cfg.baseline == "ref":
         if ref_dir is None:
             run = RunDir.of_model(ckpts[0])
             resolved = run.read_config().get("resolved_model") if run else None
@@ -245,16 +265,16 @@ def run_protocol(cfg: ProtocolConfig, log=print) -> dict:
     gen = dict(n=cfg.n_samples, trust_remote_code=cfg.trust_remote_code, **sampling)
     gen1 = {**gen, "n": cfg.mt_samples}
     ids = {ck: describe_checkpoint(ck) for ck in ckpts}
-    base_id = describe_checkpoint(baseline)
+    base_id = describe_checkpoint(baseline) if baseline is not None else {"fixed_answers": True}
     jlog = JudgementLog(out_path.with_name(out_path.stem + ".judgements.jsonl"))
     glog = GradeLog(out_path.with_name(out_path.stem + ".grades.jsonl"))
     rows = {str(ck): {} for ck in ckpts}
-    ae = _pairwise(cfg, "AlpacaEval", sets["alpaca_eval"], ckpts, ids, baseline, base_id, judge, jlog, gen, sampling, log)
+    ae = _pairwise(cfg, "alpaca_eval", sets["alpaca_eval"], ckpts, ids, baseline, base_id, judge, jlog, gen, sampling, log)
     for ck, (judged, calls) in ae.items():
         s = summarize(judged, n_boot=cfg.n_boot, seed=cfg.seed)
         rows[str(ck)].update(ae_wr=s["win_rate"], ae_wr_ci=s["win_rate_ci"], ae_lc=s["lc_win_rate"],
                              ae_lc_ci=s["lc_win_rate_ci"], ae_judge_calls=calls)
-    ah = _pairwise(cfg, "Arena-Hard", sets["arena_hard"], ckpts, ids, baseline, base_id, judge, jlog, gen, sampling, log)
+    ah = _pairwise(cfg, "arena_hard", sets["arena_hard"], ckpts, ids, baseline, base_id, judge, jlog, gen, sampling, log)
     all_judged = [j for judged, _ in ah.values() for j in judged]
     systems = [str(ck) for ck, (judged, _) in ah.items() for _ in judged]
     sc = style_controlled_win_rate(all_judged, systems=systems, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -263,22 +283,25 @@ def run_protocol(cfg: ProtocolConfig, log=print) -> dict:
         rows[str(ck)].update(ah_wr=s["win_rate"], ah_wr_ci=s["win_rate_ci"], ah_sc=sc["sc_win_rate"][str(ck)],
                              ah_sc_ci=sc["sc_win_rate_ci"][str(ck)], ah_judge_calls=calls)
     log(f"MT-Bench: grading {len(sets['mt_bench'])} questions x {cfg.mt_samples} answers per model")
-    base_mt, _ = _grade_model(baseline, base_id, sets["mt_bench"], grader, glog, cfg, gen1, sampling)
+    base_mt = None if baseline is None else _grade_model(baseline, base_id, sets["mt_bench"], grader, glog, cfg, gen1,
+                                                         sampling)[0]
     for ck in ckpts:
         s, calls = _grade_model(ck, ids[ck], sets["mt_bench"], grader, glog, cfg, gen1, sampling)
         rows[str(ck)].update(mt=s.mean, mt_ci=s.ci, mt_unparsed=s.unparsed, mt_per_turn=s.per_turn,
                              mt_grader_calls=calls)
     table = table_markdown(rows)
-    doc = {"results": rows, "columns": {k: h for k, (h, _) in COLUMNS.items()}, "table": table, "baseline": str(baseline),
-           "baseline_identity": base_id, "baseline_mt": base_mt.as_dict(), "identities": {str(k): v for k, v in ids.items()},
+    against = "the prompt sets' fixed baseline answers" if baseline is None else str(baseline)
+    doc = {"results": rows, "columns": {k: h for k, (h, _) in COLUMNS.items()}, "table": table, "baseline": against,
+           "baseline_identity": base_id, "baseline_mt": base_mt.as_dict() if base_mt else None, "identities": {str(k): v for k, v in ids.items()},
            "judge": cfg.judge, "judge_identity": judge.identity(), "grader_identity": grader.identity(),
            "style_coefs": sc["style_coefs"], "style_features": sc["features"],
            "prompt_sets": {k: {"source": getattr(cfg, k), "n": len(v)} for k, v in sets.items()},
            "sampling": sampling, "n_samples": cfg.n_samples, "mt_samples": cfg.mt_samples}
     write_json(out_path, doc)
+    base_note = f" (baseline {base_mt.mean:.2f})" if base_mt else ""
     out_path.with_suffix(".md").write_text(
-        f"Table 2 protocol against {baseline} (judge {cfg.judge}, grader {cfg.grader or cfg.judge}); win rates in %, "
-        f"95% bootstrap intervals over prompts; MT on 1..10 (baseline {base_mt.mean:.2f}).\n\n{table}\n")
+        f"Table 2 protocol against {against} (judge {cfg.judge}, grader {cfg.grader or cfg.judge}); win rates in %, "
+        f"95% bootstrap intervals over prompts; MT on 1..10{base_note}.\n\n{table}\n")
     log(table)
     log(f"wrote {out_path} and {out_path.with_suffix('.md')}")
     return doc
