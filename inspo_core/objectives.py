@@ -148,7 +148,8 @@ def _rrhf(c, r, rc, rr, lc, lr, *, beta, lam):
 
 
 def kto_reference_point(logratios: Tensor) -> Tensor:
-    """KTO's z_ref (Ethayarajh et al. 2024, sec. 4, its estimate of the KL term): max(0, mean of log pi/pi_ref), a detached scalar.
+    """KTO's z_ref (Ethayarajh et al. 2024, sec. 4, its estimate of the KL term): max(0, mean of
+    log pi/pi_ref), a detached scalar.
 
     `logratios` [M] are log pi(y'|x) - log pi_ref(y'|x) of the sequences the estimate uses: KTO's
     mismatched pairs (y' from another example of the batch, as TRL's KTOTrainer builds them by
@@ -159,9 +160,10 @@ def kto_reference_point(logratios: Tensor) -> Tensor:
 
 
 def _kto(c, r, rc, rr, lc, lr, *, beta, lambda_d, lambda_u, kl_logratios=None):
-    # KTO (Ethayarajh et al. 2024, the KTO loss of sec. 4; TRL cites it as eq. 7) on paired data: each pair is one desirable (y_w) and one
-    # undesirable (y_l) example. r = log pi/pi_ref; z = max(0, KL estimate), batch-level, detached;
-    # desirable loss lambda_D (1 - sigma(beta (r_w - z))), undesirable lambda_U (1 - sigma(beta (z - r_l))).
+    # KTO (Ethayarajh et al. 2024, the KTO loss of sec. 4; TRL cites it as eq. 7) on paired data: each
+    # pair is one desirable (y_w) and one undesirable (y_l) example. r = log pi/pi_ref; z = max(0, KL
+    # estimate), batch-level, detached; desirable loss lambda_D (1 - sigma(beta (r_w - z))), undesirable
+    # lambda_U (1 - sigma(beta (z - r_l))).
     # The per-pair loss is the mean of its two examples, so the batch mean equals KTO's expectation
     # over all 2B examples (and TRL's mean over its concatenated desirable + undesirable losses).
     rw, rl = c - rc, r - rr
