@@ -174,3 +174,15 @@ def test_resume_check_compares_what_auto_resolves_to(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ValueError, match="bf16: False in the checkpoint, True now"):
         check_resume_config(now, saved, tmp_path)
+
+
+def test_the_readme_cluster_command_shards_with_zero3_in_bf16():
+    """`accelerate launch --config_file configs/accelerate/zero3.yaml -m workbench train --config
+    configs/paper/llama3-8b-dpo-symmetric.yaml` used to train as DDP (no --sharding given)."""
+    doc = yaml.safe_load((ROOT / "configs" / "accelerate" / "zero3.yaml").read_text())
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": doc["mixed_precision"],
+           "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(doc["deepspeed_config"]["zero_stage"])}
+    paper = load_config(TrainConfig, ROOT / "configs" / "paper" / "llama3-8b-dpo-symmetric.yaml")
+    assert paper.sharding == "auto"
+    resolved, _, notes = resolve_launch(paper, env)
+    assert (resolved.sharding, resolved.bf16) == ("zero3", True) and notes == []
