@@ -140,6 +140,7 @@ def train_and_evaluate(cfg: DemoConfig, run: TrainConfig, settings: dict, evalua
     with other settings is evaluated again; an interrupted run continues from its last checkpoint
     or, with none saved, starts again. A run made with another config is refused, naming the keys."""
     from inspo_core.evaluate import describe_checkpoint, write_json
+    from inspo_core.models import is_model_dir
     from inspo_core.plan import check_resume_config
     from inspo_core.trainer import train
 
@@ -148,7 +149,7 @@ def train_and_evaluate(cfg: DemoConfig, run: TrainConfig, settings: dict, evalua
     trained = False
     if cfg.resume and rd.artifacts():
         check_resume_config(run, rd.read_config() or None, rd.config_path)
-        if (rd.final / "config.json").is_file():
+        if is_model_dir(rd.final):  # a saved model, or a LoRA run's adapter
             identity = describe_checkpoint(rd.final)
             stored = json.loads(rd.eval_json.read_text()) if rd.eval_json.is_file() else {}
             if stored.get("fingerprint") == identity["fingerprint"] and all(
