@@ -146,6 +146,7 @@ def test_stage_columns(tmp_path):
     assert r["distill"]["toward_marginal"] == pytest.approx((0.595 - 0.61) / (0.655 - 0.61))
     assert r["distill"]["marginal"][0] == pytest.approx(0.655) and r["symmetric"]["marginal"][0] == pytest.approx(0.655)
     assert r["distill"]["gap_vs_dpo_long"][0] == pytest.approx(((0.58 - 0.59) + (0.61 - 0.63)) / 2)
+    assert r["symmetric"]["marginal_gap_vs_dpo"][0] == pytest.approx(((0.65 - 0.60) + (0.66 - 0.62)) / 2)
     assert "gap_vs_dpo_long" not in r["none"] and "toward_marginal" not in r["symmetric"]
     assert r["none"]["compute"] == {"steps": 375.0, "extra_sequences": 0.0}
     assert r["distill"]["compute"] == {"steps": 500.0, "extra_sequences": 4005.0}
@@ -158,6 +159,6 @@ def test_stage_columns(tmp_path):
     assert len(table) == 6 and table[0].split()[:2] == ["point", "strategy"]
     dist = table[3].split()
     assert dist[:6] == ["p", "distill", "0.595", "-", "-0.010", "±"] and dist[6] == "0.020"
-    assert "0.655" in dist and "-0.33" in dist and "500" in dist and "4005" in dist  # V(m), toward, steps, extra
+    assert "0.655" in dist and "+0.045" in dist and "-0.33" in dist and "500" in dist and "4005" in dist  # V(m), toward, steps, extra
     assert table[4].split()[-1] == "0.450"  # revise: the oracle's mean P(revision > draft)
     assert format_stage_table({"points": [{"name": "p", "rows": rows[:2]}]}) == ""  # no stage: no table

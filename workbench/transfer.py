@@ -258,7 +258,8 @@ def analyse_point(summary: dict) -> list[dict]:
     """One row per strategy: deployed and reflective V, gap to DPO and reflection gain (paired by
     seed), and the deployed V's place between pi_ref (0) and pi_bar (1). Rows of stages
     (inspo_core.distill) and of the strategy they continue add `marginal` (the theory's prediction
-    V(m) of the teacher's marginal, at the measurement's sampling), a stage's `toward_marginal`
+    V(m) of the teacher's marginal, at the measurement's sampling) and `marginal_gap_vs_dpo` (V(m) - V DPO,
+    paired by seed: the gap a perfect distillation would have), a stage's `toward_marginal`
     ((V - V DPO) / (V(m) - V DPO): 0 at DPO, 1 at the prediction), `gap_vs_dpo_long` (against DPO at
     equal steps, when measured), `oracle_agreement` (revise) and `compute` (steps, extra sampled
     sequences, oracle labels; means over seeds)."""
@@ -306,6 +307,9 @@ def _stage_columns(rows: list[dict], by_seed: dict, demo_config: dict) -> None:
         teacher = STAGES[s].after if s in STAGES else s
         if teacher in marginal:
             row["marginal"] = seed_interval(list(marginal[teacher].values()))
+            # the theory's gap: what a perfect distillation of each seed's INS run would gain over its DPO run
+            row["marginal_gap_vs_dpo"] = seed_interval([v - dpo[k] for k, v in sorted(marginal[teacher].items())
+                                                        if k in dpo])
         if s in STAGES and STAGES[s].after and "marginal" in row and dpo:
             span = row["marginal"][0] - float(np.mean(list(dpo.values())))
             row["toward_marginal"] = ((row["deployed"][0] - float(np.mean(list(dpo.values())))) / span
@@ -385,7 +389,7 @@ def format_table(doc: dict) -> str:
 def format_stage_table(doc: dict) -> str:
     """One line per point and strategy of the points that ran stages: deployed and reflective V, the gap
     to DPO and to DPO at equal steps (mean ± 95% half-width, * = excludes 0), V(m) of the INS teacher's
-    marginal (the theory's prediction for distillation), where the deployed V lands from DPO (0) to V(m)
+    marginal (the theory's prediction for distillation) and its gap to DPO, where the deployed V lands from DPO (0) to V(m)
     (1), the compute (optimizer steps, sequences sampled beyond DPO's) and, for revise, the oracle's mean
     P(revision > draft). Empty when no point ran a stage."""
     from inspo_core.distill import STAGES
@@ -395,7 +399,7 @@ def format_stage_table(doc: dict) -> str:
         return ""
     width = max([len(p["name"]) for p in pts] + [5]) + 2
     lines = [f"{'point':<{width}}{'strategy':<10} {'V dep':>6} {'V refl':>6}  {'gap vs DPO':<16}  "
-             f"{'gap vs DPO@steps':<16}  {'V(m)':>6} {'toward':>6} {'steps':>5} {'extra':>6} {'P(rev>draft)':>12}"]
+             f"{'gap vs DPO@steps':<16}  {'V(m)':>6} {'V(m) - DPO':<16}  {'toward':>6} {'steps':>5} {'extra':>6} {'P(rev>draft)':>12}"]
     for p in pts:
         for r in p["rows"]:
             refl = f"{r['reflective'][0]:.3f}" if r.get("reflective") else "-"
@@ -404,7 +408,8 @@ def format_stage_table(doc: dict) -> str:
             comp = r.get("compute", {})
             agree = f"{r['oracle_agreement']['mean_p']:.3f}" if "oracle_agreement" in r else "-"
             lines.append(f"{p['name']:<{width}}{r['strategy']:<10} {r['deployed'][0]:>6.3f} {refl:>6}  "
-                         f"{_pm(r['gap_vs_dpo']):<16}  {_pm(r.get('gap_vs_dpo_long')):<16}  {marg:>6} {toward:>6} "
+                         f"{_pm(r['gap_vs_dpo']):<16}  {_pm(r.get('gap_vs_dpo_long')):<16}  {marg:>6} "
+                         f"{_pm(r.get('marginal_gap_vs_dpo')):<16}  {toward:>6} "
                          f"{comp.get('steps', float('nan')):>5.0f} {comp.get('extra_sequences', float('nan')):>6.0f} "
                          f"{agree:>12}")
     return "\n".join(lines)
@@ -421,6 +426,19 @@ def findings(doc: dict) -> list[str]:
                     out.append(f"{p['name']} {r['strategy']}: {label} {'above' if t[1] > 0 else 'below'} 0 "
                                f"({_ci(t)})")
     return out
+
+
+def reanalyse(output_dir: str | Path) -> dict:
+    """The study in `output_dir` analysed again by this code from what its points recorded (each
+    point's summary.json and, where it ran stages, stages.json): nothing is trained or measured."""
+    doc = load_transfer(Path(output_dir) / "transfer.json")
+    for p in doc["points"]:
+        point_dir = Path(output_dir) / p["name"]
+        summary = json.loads((point_dir / "summary.json").read_text())
+        if (point_dir / "stages.json").is_file():
+            summary["runs"] = summary["runs"] + json.loads((point_dir / "stages.json").read_text())["runs"]
+        p["rows"] = analyse_point(summary)
+    return doc
 
 
 def load_transfer(path: str | Path) -> dict:
