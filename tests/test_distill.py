@@ -162,3 +162,37 @@ def test_stage_columns(tmp_path):
     assert "0.655" in dist and "+0.045" in dist and "-0.33" in dist and "500" in dist and "4005" in dist  # V(m), toward, steps, extra
     assert table[4].split()[-1] == "0.450"  # revise: the oracle's mean P(revision > draft)
     assert format_stage_table({"points": [{"name": "p", "rows": rows[:2]}]}) == ""  # no stage: no table
+
+
+def test_reanalyse_merges_the_stage_runs(tmp_path):
+    """A point's stage runs (stages.json) join its demo's runs (summary.json) when the study is analysed
+    again: the distill row appears with its gap to DPO (0.58 - 0.60, 0.60 - 0.62 seed by seed)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from workbench.transfer import reanalyse
+
+    point = tmp_path / "p"
+    (point / "run" / "final").mkdir(parents=True)
+    save_file({"a": torch.zeros(2, 3)}, str(point / "run" / "final" / "model.safetensors"))
+
+    def run(st, k, dep, **extra):
+        return {"objective": "dpo", "strategy": st, "seed": k, "run_dir": str(point / "run"),
+                "deployed": {"V_identity": dep}, "reflective": {"V_identity": dep + 0.05}, **extra}
+
+    runs = [{"objective": "pi_ref", "strategy": "-", "seed": k, "run_dir": None, "deployed": {"V_identity": 0.5}}
+            for k in (0, 1)]
+    runs += [run("none", 0, 0.60), run("none", 1, 0.62), run("symmetric", 0, 0.55), run("symmetric", 1, 0.57)]
+    stages = [run("distill", k, v, teacher_marginal={"T1": 0.5, "measured": 0.56}, compute={"steps": 500,
+                                                                                           "extra_sequences": 4000})
+              for k, v in ((0, 0.58), (1, 0.60))]
+    (point / "summary.json").write_text(json.dumps({"runs": runs, "config": {"max_steps": 375}, "ceilings": {
+        "identity": {"pi_ref": 0.5, "pi_bar": 0.7, "pi_star": 0.9}}}))
+    (point / "stages.json").write_text(json.dumps({"stages": ["distill"], "runs": stages}))
+    (tmp_path / "transfer.json").write_text(json.dumps({"points": [{"name": "p", "rows": []}]}))
+    rows = {r["strategy"]: r for r in reanalyse(tmp_path)["points"][0]["rows"]}
+    assert set(rows) == {"none", "symmetric", "distill"}
+    assert rows["distill"]["gap_vs_dpo"][0] == pytest.approx(-0.02)
+    assert rows["symmetric"]["marginal_gap_vs_dpo"][0] == pytest.approx(((0.56 - 0.60) + (0.56 - 0.62)) / 2)
