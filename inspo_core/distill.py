@@ -175,6 +175,24 @@ def marginal_value(world, texts_by_context: list[list[str]], opp: list[list[str]
     return float(np.mean(vals))
 
 
+def theory_values(world, opp: list[list[str]]) -> dict[str, float]:
+    """V (identity Psi) of pi_bar, pi_star and of pi_star's marginal m* = sum_y' pi_ref(y') pi_star(.|x, y')
+    against the opponents `opp`, exactly, from their item distribution (inspo_core.theory; the
+    `ins_marginal`-free part of `theory.distillation_values`). V(m*) is what distilling the *optimal*
+    reflection into a prompt-only policy would give; V(pi_bar) bounds every distillation. The drafts
+    pi_star answers are the opponents' parseable texts (an unparseable draft has no best answer); a
+    parseable policy scores (1 - u) V_p + u against opponents unparseable with frequency u, as in
+    `worlds.evaluation.theory_ceilings`."""
+    from inspo_core import theory as th
+    from inspo_core.worlds.evaluation import item_distribution
+
+    ref, u = item_distribution(world, opp)
+    star = th.pi_star(world.P, "identity")
+    v = lambda pi: (1 - u) * th.value(pi, world.P, ref, "identity") + u  # noqa: E731
+    return {"pi_bar": v(th.pi_bar(world.P, ref, "identity")), "pi_star": v(star),
+            "pi_star_marginal": v(th.marginalize(star, ref))}
+
+
 def _items(world, texts: list[str]) -> tuple[np.ndarray, float]:
     counts = np.zeros(len(world.items))
     bad = 0

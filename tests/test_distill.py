@@ -156,7 +156,9 @@ def test_stage_columns(tmp_path):
     for x in rows:
         x.update(reflective=None, gap_vs_dpo=None if x["strategy"] == "none" else (-0.01, -0.03, 0.01))
     table = format_stage_table({"points": [{"name": "p", "rows": rows}]}).splitlines()
-    assert len(table) == 6 and table[0].split()[:2] == ["point", "strategy"]
+    assert len(table) == 7 and table[0].split()[:2] == ["point", "strategy"]
+    assert table[1].startswith("p: pi_ref nan")  # the point's exact values (none in this synthetic point)
+    table = table[:1] + table[2:]
     dist = table[3].split()
     assert dist[:6] == ["p", "distill", "0.595", "-", "-0.010", "±"] and dist[6] == "0.020"
     assert "0.655" in dist and "+0.045" in dist and "-0.33" in dist and "500" in dist and "4005" in dist  # V(m), toward, steps, extra
@@ -196,3 +198,27 @@ def test_reanalyse_merges_the_stage_runs(tmp_path):
     assert set(rows) == {"none", "symmetric", "distill"}
     assert rows["distill"]["gap_vs_dpo"][0] == pytest.approx(-0.02)
     assert rows["symmetric"]["marginal_gap_vs_dpo"][0] == pytest.approx(((0.56 - 0.60) + (0.56 - 0.62)) / 2)
+
+
+def test_theory_values_by_hand():
+    """A 3-item rock-paper-scissors prompt (P = 0.9 for the beater) against opponents 1/2 rock, 1/4 paper,
+    1/4 scissors plus one unparseable text in five (u = 0.2): S(rock) = 0.5/2 + 0.1/4 + 0.9/4 = 0.5,
+    S(paper) = 0.9/2 + 0.5/4 + 0.1/4 = 0.6, S(scissors) = 0.1/2 + 0.9/4 + 0.5/4 = 0.4, so V(pi_bar) =
+    0.8 * 0.6 + 0.2; pi_star answers each draft with its beater (0.9): V(pi_star) = 0.8 * 0.9 + 0.2; m* =
+    (1/4 rock [beats scissors], 1/2 paper [beats rock], 1/4 scissors [beats paper]) has V_p = 0.25 * 0.5 +
+    0.5 * 0.6 + 0.25 * 0.4 = 0.525."""
+    from inspo_core.distill import theory_values
+
+    class RPS:
+        items = ["rock", "paper", "scissors"]
+        prompts = ["x"]
+        P = np.array([[[0.5, 0.1, 0.9], [0.9, 0.5, 0.1], [0.1, 0.9, 0.5]]])
+
+        def parse(self, t):
+            return self.items.index(t) if t in self.items else None
+
+    opp = [["rock", "rock", "paper", "scissors", "??"] * 2]
+    got = theory_values(RPS(), opp)
+    assert got["pi_bar"] == pytest.approx(0.8 * 0.6 + 0.2)
+    assert got["pi_star"] == pytest.approx(0.8 * 0.9 + 0.2)
+    assert got["pi_star_marginal"] == pytest.approx(0.8 * 0.525 + 0.2)

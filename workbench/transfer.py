@@ -183,8 +183,12 @@ def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
     if stages:  # after the demo: the stages continue its runs; their records sit beside summary.json
         extra = run_stages(stages, the_world, demo_cfg, summary, steps=cfg.stage_steps, n_samples=cfg.stage_samples,
                            log=log)
-        write_json(Path(demo_cfg.output_dir) / "stages.json", {"stages": stages, "runs": extra})
-        summary = {**summary, "runs": summary["runs"] + extra}
+        from inspo_core.distill import theory_values
+
+        opp = the_world.opponents(demo_cfg.cache_dir, the_world.reference(demo_cfg.cache_dir), demo_cfg.n_eval)
+        theory = theory_values(the_world, opp)
+        write_json(Path(demo_cfg.output_dir) / "stages.json", {"stages": stages, "runs": extra, "theory": theory})
+        summary = {**summary, "runs": summary["runs"] + extra, "theory": theory}
     return summary
 
 
@@ -285,6 +289,9 @@ def analyse_point(summary: dict) -> list[dict]:
                      "pi_ref": v_ref, "pi_bar": c.get("pi_bar", float("nan")),
                      "pi_star": c.get("pi_star", float("nan"))})
     _stage_columns(rows, by_seed, summary.get("config", {}))
+    for row in rows:  # V(m*): distilling the optimal reflection (inspo_core.distill.theory_values)
+        if "theory" in summary:
+            row["pi_star_marginal"] = summary["theory"]["pi_star_marginal"]
     return rows
 
 
@@ -387,11 +394,12 @@ def format_table(doc: dict) -> str:
 
 
 def format_stage_table(doc: dict) -> str:
-    """One line per point and strategy of the points that ran stages: deployed and reflective V, the gap
-    to DPO and to DPO at equal steps (mean ± 95% half-width, * = excludes 0), V(m) of the INS teacher's
-    marginal (the theory's prediction for distillation) and its gap to DPO, where the deployed V lands from DPO (0) to V(m)
-    (1), the compute (optimizer steps, sequences sampled beyond DPO's) and, for revise, the oracle's mean
-    P(revision > draft). Empty when no point ran a stage."""
+    """Per point that ran stages, a line of its exact values (pi_ref's row, pi_bar, pi_star and V(m*), the
+    marginal of pi_star: distilling the optimal reflection), then one line per strategy: deployed and
+    reflective V, the gap to DPO and to DPO at equal steps (mean ± 95% half-width, * = excludes 0), V(m)
+    of the INS teacher's marginal (the theory's prediction for distilling it) and its gap to DPO, where
+    the deployed V lands from DPO (0) to V(m) (1), the compute (optimizer steps, sequences sampled beyond
+    DPO's) and, for revise, the oracle's mean P(revision > draft). Empty when no point ran a stage."""
     from inspo_core.distill import STAGES
 
     pts = [p for p in doc["points"] if any(r["strategy"] in STAGES for r in p["rows"])]
@@ -401,6 +409,9 @@ def format_stage_table(doc: dict) -> str:
     lines = [f"{'point':<{width}}{'strategy':<10} {'V dep':>6} {'V refl':>6}  {'gap vs DPO':<16}  "
              f"{'gap vs DPO@steps':<16}  {'V(m)':>6} {'V(m) - DPO':<16}  {'toward':>6} {'steps':>5} {'extra':>6} {'P(rev>draft)':>12}"]
     for p in pts:
+        r0 = p["rows"][0]
+        lines.append(f"{p['name']}: pi_ref {r0.get('pi_ref', float('nan')):.3f}, pi_bar {r0.get('pi_bar', float('nan')):.3f}"
+                     f", pi_star {r0.get('pi_star', float('nan')):.3f}, V(m*) {r0.get('pi_star_marginal', float('nan')):.3f}")
         for r in p["rows"]:
             refl = f"{r['reflective'][0]:.3f}" if r.get("reflective") else "-"
             marg = f"{r['marginal'][0]:.3f}" if "marginal" in r else "-"
@@ -428,15 +439,29 @@ def findings(doc: dict) -> list[str]:
     return out
 
 
-def reanalyse(output_dir: str | Path) -> dict:
+def reanalyse(output_dir: str | Path, cache_dir: str | None = None) -> dict:
     """The study in `output_dir` analysed again by this code from what its points recorded (each
-    point's summary.json and, where it ran stages, stages.json): nothing is trained or measured."""
+    point's summary.json and, where it ran stages, stages.json): nothing is trained or measured. A
+    stage point recorded without the exact V(m*) gets it when `cache_dir` holds its world's pi_ref: the
+    world is rebuilt from summary.json and its opponents re-sampled (the same fixed seed as measured)."""
+    from inspo_core.distill import theory_values
+    from inspo_core.worlds.base import world_class
+
     doc = load_transfer(Path(output_dir) / "transfer.json")
     for p in doc["points"]:
         point_dir = Path(output_dir) / p["name"]
         summary = json.loads((point_dir / "summary.json").read_text())
         if (point_dir / "stages.json").is_file():
-            summary["runs"] = summary["runs"] + json.loads((point_dir / "stages.json").read_text())["runs"]
+            stages = json.loads((point_dir / "stages.json").read_text())
+            summary["runs"] = summary["runs"] + stages["runs"]
+            if "theory" not in stages and cache_dir is not None:
+                spec = dict(summary["world"])
+                cls = world_class(spec.pop("kind"))
+                world = cls(cls.config_class(**spec))
+                opp = world.opponents(cache_dir, world.reference(cache_dir), summary["config"]["n_eval"])
+                stages["theory"] = theory_values(world, opp)
+            if "theory" in stages:
+                summary["theory"] = stages["theory"]
         p["rows"] = analyse_point(summary)
     return doc
 
