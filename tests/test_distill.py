@@ -222,3 +222,38 @@ def test_theory_values_by_hand():
     assert got["pi_bar"] == pytest.approx(0.8 * 0.6 + 0.2)
     assert got["pi_star"] == pytest.approx(0.8 * 0.9 + 0.2)
     assert got["pi_star_marginal"] == pytest.approx(0.8 * 0.525 + 0.2)
+
+
+def test_stages_run_through_the_transfer_study(tmp_path):
+    """End to end on a tiny world: each stage trains after the point's demo, from the seed's symmetric run
+    (revise, distill) or from pi_ref (dpo_long), with pi_ref as the reference; stages.json holds their
+    records with compute, V(m) and the exact theory values."""
+    import json
+
+    import yaml
+
+    from workbench.transfer import TransferConfig, run_transfer
+
+    out = tmp_path / "study"
+    cfg = TransferConfig(sizes=["xs"], worlds=["cyclic:0"], strategies=["none", "symmetric", "revise", "distill",
+                                                                        "dpo_long"], seeds=[0, 1], max_steps=3,
+                         n_pairs=140, n_eval=8, pretrain_steps=10, stage_steps=2, stage_samples=140,
+                         output_dir=str(out), cache_dir=str(tmp_path / "cache"))
+    doc = run_transfer(cfg, log=lambda m: None)
+    point = out / "xs-cyclic0"
+    stages = json.loads((point / "stages.json").read_text())
+    assert sorted((r["strategy"], r["seed"]) for r in stages["runs"]) == sorted(
+        (s, k) for s in ("revise", "distill", "dpo_long") for k in (0, 1))
+    assert set(stages["theory"]) == {"pi_bar", "pi_star", "pi_star_marginal"}
+    run_cfg = {s: yaml.safe_load((point / f"dpo-{s}-s1" / "config.yaml").read_text()) for s in ("revise", "distill",
+                                                                                                "dpo_long")}
+    assert run_cfg["distill"]["strategy"] == "distill" and run_cfg["revise"]["strategy"] == "none"
+    assert run_cfg["distill"]["model"].endswith("dpo-symmetric-s1/final") and run_cfg["distill"]["max_steps"] == 2
+    assert run_cfg["revise"]["ref_model"].endswith("pi_ref") and run_cfg["dpo_long"]["max_steps"] == 5
+    rows = {r["strategy"]: r for r in doc["points"][0]["rows"]}
+    assert rows["distill"]["compute"]["steps"] == 5 and rows["distill"]["compute"]["extra_sequences"] == 280
+    assert "marginal" in rows["symmetric"] and "oracle_agreement" in rows["revise"]
+    revise_data = [json.loads(line) for line in (point / "stage-data" / "revise-s0.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (point / "stage-data" / "symmetric-samples-s0.jsonl").read_text().splitlines()]
+    assert revise_data[0] == {"prompt": samples[0]["prompt"], "chosen": samples[0]["revision"],
+                              "rejected": samples[0]["draft"]} or samples[0]["revision"] == samples[0]["draft"]
