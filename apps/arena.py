@@ -10,7 +10,6 @@ import csv
 import ipaddress
 import json
 import random
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import gradio as gr
 
 from inspo_core.catalog import CATALOG, resolve_model
-from inspo_core.evaluate import Judgement, summarize
 from inspo_core.generation import ModelCache, stream_generate
 from inspo_core.judges import available_judges, make_judge
 from inspo_core.models import is_model_dir
@@ -217,49 +215,56 @@ class Workbench:
     # ---- batch -----------------------------------------------------------------------------------
     def batch(self, a, b, judge_kind, judge_model, n, temperature, top_p, max_new_tokens, seed,
               progress=gr.Progress()):
-        from inspo_core.evaluate import generate_responses
+        """`workbench eval` of A against B as baseline, on the app's prompt set: the same sampling, judgement
+        keys, judgement log and reuse, written to its own file (`batch_path`), so a Batch result and an `eval`
+        result with the same settings are the same numbers."""
+        from workbench.evaluation import EvalConfig, evaluate
 
         pa, pb = self.resolve(a), self.resolve(b)
-        prompts = self.example_prompts(a)
-        if not prompts:
+        if not self.example_prompts(a):
             raise gr.Error("No prompt set: use world checkpoints or start the app with --prompts FILE.")
         if not judge_kind or judge_kind == NO_JUDGE:
             raise gr.Error("A batch needs a judge: pick one (the oracle for world checkpoints, or a judge model).")
-        judge = self.judge(judge_kind, judge_model, pa)
+        uses_model = judge_kind in ("reward_model", "llm")
+        if uses_model and not judge_model:
+            raise gr.Error(f"The {judge_kind} judge needs a judge model: name one in the Judge model field.")
+        out = self.batch_path(pa, pb)
         try:
-            judge.check()  # before any sampling
-        except Exception as e:  # noqa: BLE001
-            raise gr.Error(f"The {judge_kind} judge cannot run: {e}") from None
-        gen = dict(n=int(n), temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
-                   seed=int(seed), trust_remote_code=self.cfg.trust_remote_code)
-        try:
-            progress(0.05, desc="sampling A")
-            ra = generate_responses(pa, prompts, **gen)
-            progress(0.35, desc="sampling B")
-            rb = generate_responses(pb, prompts, **gen)
-        except ValueError as e:
+            cfg = EvalConfig(checkpoints=[str(pa)], baseline=str(pb), prompts=self.cfg.prompts or "world",
+                             judge=judge_kind, judge_model=str(self.resolve(judge_model)) if uses_model else None,
+                             n_samples=int(n), temperature=float(temperature), top_p=float(top_p),
+                             max_new_tokens=int(max_new_tokens), seed=int(seed), output=str(out),
+                             trust_remote_code=self.cfg.trust_remote_code, cache_dir=self.cfg.cache_dir)
+            doc, judged = evaluate(cfg, log=lambda m: None, progress=lambda f, what: progress(f, desc=what))
+        except (ValueError, OSError) as e:
             raise gr.Error(str(e)) from None
-        judged, rows = [], []
-        total = len(prompts) * int(n)
-        for i, p in enumerate(prompts):
-            for k in range(int(n)):
-                try:
-                    prob, why = judge.compare(p, ra[i][k], rb[i][k])
-                except Exception as e:
-                    raise gr.Error(f"The {judge_kind} judge failed: {e}") from None
-                judged.append(Judgement(f"{i}:{k}", p, ra[i][k], rb[i][k], prob, why))
-                rows.append([p, ra[i][k], rb[i][k], round(prob, 4)])
-                progress(0.65 + 0.35 * len(judged) / total, desc="judging")
-        s = summarize(judged, n_boot=500)
-        md = (f"**win rate of A: {s['win_rate']:.3f}** (95% CI {s['win_rate_ci'][0]:.3f}-{s['win_rate_ci'][1]:.3f}); "
-              f"length-controlled {s['lc_win_rate']:.3f}; {s['wins']} wins, {s['ties']} ties, {s['losses']} losses "
-              f"over {s['n']} comparisons")
-        out = Path(tempfile.mkdtemp(prefix="inspo-batch-")) / "batch.csv"
-        with open(out, "w", newline="") as f:
+        except Exception as e:  # noqa: BLE001 - a judge that fails mid-way: its finished judgements are kept
+            raise gr.Error(f"The {judge_kind} judge failed: {e} (finished judgements are kept in {out.parent})") from None
+        (ck, r), = doc["results"].items()
+        rows = [[j.prompt, j.a, j.b, round(j.prob, 4)] for j in judged[ck]]
+        md = (f"**win rate of A: {r['win_rate']:.3f}** (95% CI {r['win_rate_ci'][0]:.3f}-{r['win_rate_ci'][1]:.3f}); "
+              f"length-controlled {r['lc_win_rate']:.3f}; {r['wins']} wins, {r['ties']} ties, {r['losses']} losses "
+              f"over {r['n']} comparisons ({r['judge_calls']} judged now, {r['reused']} reused); written to `{out}`")
+        csv_path = out.with_suffix(".csv")
+        with open(csv_path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["prompt", "answer_a", "answer_b", "p_a_better"])
             w.writerows(rows)
-        return md, rows, str(out)
+        return md, rows, str(csv_path)
+
+    def batch_path(self, a: Path, b: Path) -> Path:
+        """Where the Batch tab writes A-vs-B: `<runs_dir>/batch/<A>__vs__<B>.json` (names relative to runs_dir
+        where they are inside it), with its judgements beside it."""
+        def name(p: Path) -> str:
+            try:
+                p = p.resolve().relative_to(self.root.resolve())
+            except ValueError:
+                pass
+            return "-".join(x for x in p.parts if x not in ("/", "")) or "model"
+
+        out = self.root / "batch" / f"{name(a)}__vs__{name(b)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
 
     # ---- dashboard -------------------------------------------------------------------------------
     def dashboard(self, selected):

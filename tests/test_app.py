@@ -288,3 +288,31 @@ def test_host_warning_only_for_addresses_others_can_reach(host, remote):
     from apps.arena import host_warning
 
     assert (host_warning(host) is not None) == remote
+
+
+def test_batch_is_the_eval_and_gives_its_numbers(runs_dir, tmp_path):
+    """The Batch tab runs `workbench eval`'s pipeline: on the same checkpoints and settings it gives eval's win
+    rate, interval and length-controlled win rate from the same judgements, into its own file, and a second
+    batch judges nothing again."""
+    from apps.arena import Workbench
+    from apps.config import AppConfig
+    from workbench.evaluation import EvalConfig, run_eval
+
+    wb = Workbench(AppConfig(runs_dir=str(runs_dir), cache_dir=str(tmp_path / "cache")))
+    a, b = "ins-dpo/final", "pi_ref"
+    settings = dict(n_samples=2, temperature=0.7, top_p=0.95, max_new_tokens=16, seed=3)
+    md, rows, csv_path = wb.batch(a, b, "oracle", "", 2, 0.7, 0.95, 16, 3, progress=lambda *x, **k: None)
+    out = wb.batch_path(runs_dir / a, runs_dir / b)
+    assert out.is_file() and out.parent == runs_dir / "batch" and Path(csv_path).is_file()
+    batch = next(iter(json.loads(out.read_text())["results"].values()))
+    doc = run_eval(EvalConfig(checkpoints=[str(runs_dir / a)], baseline=str(runs_dir / b), judge="oracle",
+                              output=str(tmp_path / "eval.json"), **settings), log=lambda m: None)
+    ev = next(iter(doc["results"].values()))
+    assert ev["judge_calls"] == ev["n"] == len(rows) == 2 * len(wb.example_prompts(a))  # judged afresh
+    for k in ("win_rate", "win_rate_ci", "lc_win_rate", "wins", "ties", "losses", "n", "fingerprint"):
+        assert batch[k] == ev[k], k
+    logged = [json.loads(line) for line in (tmp_path / "eval.judgements.jsonl").read_text().splitlines()]
+    assert sorted(round(r["prob"], 4) for r in logged) == sorted(r[3] for r in rows)
+    assert f"{ev['win_rate']:.3f}" in md
+    md2, _, _ = wb.batch(a, b, "oracle", "", 2, 0.7, 0.95, 16, 3, progress=lambda *x, **k: None)
+    assert "(0 judged now, " in md2

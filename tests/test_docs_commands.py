@@ -179,5 +179,5 @@ def test_every_command_shown_runs_at_tiny_scale_or_says_why_not(page, cmd, comme
         pytest.skip(f"not run here: {comment}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "INSPO_BENCH_QUIET": "1"}
     for argv in runs:
-        res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         assert res.returncode == 0, f"{page}: {' '.join(argv)}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"

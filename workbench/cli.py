@@ -11,10 +11,10 @@ import importlib
 import sys
 from typing import Any
 
-from inspo_core.config import field_types, load_config
-
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    from inspo_core.config import field_types
+
     parser.add_argument("--config", help="YAML file with keys of this command; flags override it")
     types = field_types(cls)
     for f in dataclasses.fields(cls):
@@ -28,6 +28,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(cls, args: argparse.Namespace):
+    from inspo_core.config import load_config
+
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
     return load_config(cls, args.config, overrides)
 
@@ -70,13 +72,21 @@ def run_command(target: str, cfg) -> None:
     resolve(target)(cfg)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `only`, the flags of that command alone (its config module is the only one
+    imported, so `python -m workbench --help` and `<command> --help` do not load torch for every command)."""
     parser = argparse.ArgumentParser(prog="python -m workbench", description="InSPO Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, cls, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_config_args(p, resolve(cls))
+        if only is None or name == only:
+            add_config_args(p, resolve(cls))
     return parser
+
+
+def named_command(argv: list[str]) -> str:
+    """The command argv names (its first word), or "" when it names none (`--help`, nothing)."""
+    return argv[0] if argv and argv[0] in COMMANDS else ""
 
 
 def die_with_launcher() -> None:
@@ -116,11 +126,12 @@ def die_with_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=named_command(argv))
+    args = parser.parse_args(argv)  # --help exits here, before torch or transformers are imported
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
-    parser = build_parser()
-    args = parser.parse_args(argv)
     _, cls, target = COMMANDS[args.command]
     cls = resolve(cls)
     from inspo_core.checkpoint import CheckpointError

@@ -73,7 +73,16 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     against the baseline's, write the win rates (by default the run's win_rates.json, never the
     demo's eval.json). Judgements are keyed by what was judged (both models'
     identities, prompt, answers, sampling, judge), so a rerun reuses exactly its own finished work."""
+    return evaluate(cfg, log)[0]
+
+
+def evaluate(cfg: EvalConfig, log=print, progress=None) -> tuple[dict, dict[str, list]]:
+    """`run_eval`'s work: (the document it writes, each checkpoint's judgements in prompt x sample order).
+    The app's Batch tab calls this too, so a Batch result and an `eval` result with the same settings are
+    the same numbers from the same judgements. `progress(fraction, what)` is told each stage."""
     from inspo_core.worlds import world_of
+
+    progress = progress or (lambda fraction, what: None)
 
     from inspo_core.catalog import resolve_model
 
@@ -104,15 +113,17 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     base_id = describe_checkpoint(baseline)
     judge_id = judge.identity()
     log(f"sampling {cfg.n_samples} x {len(prompts)} responses from the baseline {baseline}")
+    progress(0.05, "sampling the baseline")
     base = generate_responses(baseline, prompts, **gen)
     jlog = JudgementLog(out_path.with_name(out_path.stem + ".judgements.jsonl"))
     if jlog.skipped:
         log(f"{jlog.path}: {jlog.skipped} line(s) are not judgements (cut by a crash or of another shape); "
             "skipped, their items are judged again")
-    results = {}
-    for ck in ckpts:
+    results, judgements = {}, {}
+    for j, ck in enumerate(ckpts):
         ck_id = describe_checkpoint(ck)
         log(f"sampling and judging {ck}")
+        progress(0.1 + 0.9 * j / len(ckpts), f"sampling {ck.name}")
         cand = generate_responses(ck, prompts, **gen)
         items = []
         for i, prompt in enumerate(prompts):
@@ -121,7 +132,9 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
                 key = judgement_key(candidate=ck_id["fingerprint"], baseline=base_id["fingerprint"], prompt=text,
                                     sample=k, a=a, b=b, sampling=sampling, judge=judge_id)
                 items.append((key, text, a, b))
+        progress(0.1 + 0.9 * (j + 0.5) / len(ckpts), f"judging {ck.name}")
         judged, calls = judge_all(judge, items, jlog)
+        judgements[str(ck)] = judged
         r = summarize(judged, n_boot=cfg.n_boot, seed=cfg.seed)
         results[str(ck)] = {**ck_id, **r, "judge_calls": calls, "reused": len(items) - calls}
         log(f"  win rate {r['win_rate']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}], "
@@ -131,4 +144,4 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
            "temperature": cfg.temperature, "top_p": cfg.top_p, "results": results}
     write_json(out_path, doc)
     log(f"wrote {out_path}")
-    return doc
+    return doc, judgements
