@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 STARTS = ("python -m ", "accelerate launch", "torchrun", "pip install", "jupyter ")
 # a command not executed here carries a comment saying why (GPU, hours, minutes, server)
+TOY = str(ROOT / "examples" / "toy_preferences.jsonl")
 REASON = re.compile(r"#.*\b(GPU|GPUs|hours?|minutes?|min|server|browser)\b", re.I)
 
 
@@ -42,7 +43,7 @@ def _commands() -> list[tuple[str, str, str]]:
                         found.append((page.name, cmd, comment.strip()))
         if page.name == "README.md":  # the table of uses: commands in code spans
             for span in re.findall(r"`([^`\n]+)`", text):
-                if span.startswith(STARTS) and len(span.split()) > 2 and not any(span == c for _, c, _ in found):
+                if span.startswith(STARTS) and len(span.split()) > 2 and not any(span in c for _, c, _ in found):
                     found.append((page.name, span, "table"))
     return found
 
@@ -120,12 +121,9 @@ def _tiny(argv: list[str], scratch: Path) -> list[str] | None:
         return argv
     command, rest = argv[0], argv[1:]
     out = ["--output_dir", str(scratch / "out")]
-    if command == "train":
-        cfg = _parse_workbench(argv)
-        if cfg.model != "tiny":
-            return None
-        return [command, *rest, *out, "--tiny_hidden", "32", "--tiny_layers", "2", "--max_steps", "2",
-                "--eval_every", "1", "--save_every", "2",
+    if command == "train":  # a tiny model on the toy pairs at a short length: the rest is the command's own
+        return [command, *rest, *out, "--model", "tiny", "--data", TOY, "--max_length", "64", "--tiny_hidden", "32",
+                "--tiny_layers", "2", "--max_steps", "2", "--eval_every", "1", "--save_every", "2",
                 "--cache_dir", str(scratch / "cache")]
     if command == "demo":
         cfg = _parse_workbench(argv)
@@ -151,12 +149,16 @@ def _plan(page: str, cmd: str, comment: str, scratch: Path):
         wb = _workbench_argv(argv)
         if wb is None:
             continue  # pip, jupyter, pytest: checked above, and the suite itself is the pytest command
-        if argv[0] == "accelerate":
-            return None
         tiny = _tiny(wb, scratch)
         if tiny is None:
             return None
-        if argv[0] == "torchrun":
+        if argv[0] == "accelerate":  # the launcher's own config, on 2 CPU processes
+            from conftest import free_port
+
+            launcher = argv[2: argv.index("-m")]
+            runs.append([sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
+                         "--main_process_port", str(free_port()), "-m", "workbench", *tiny])
+        elif argv[0] == "torchrun":
             launcher = argv[: argv.index("-m")]
             runs.append([sys.executable, "-m", "torch.distributed.run", *launcher[1:], "-m", "workbench", *tiny])
         else:
@@ -177,7 +179,17 @@ def test_every_command_shown_runs_at_tiny_scale_or_says_why_not(page, cmd, comme
             f"{page}: {cmd!r} is not run by the tests; say why in the text (a trailing comment naming a GPU, "
             f"hours, minutes or a server) or give this test a tiny-scale rule for it")
         pytest.skip(f"not run here: {comment}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "INSPO_BENCH_QUIET": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     for argv in runs:
         res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         assert res.returncode == 0, f"{page}: {' '.join(argv)}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        if "accelerate.commands.launch" in argv:  # the engine and precision are the launcher config's
+            import yaml
+
+            launch_cfg = yaml.safe_load((ROOT / argv[argv.index("--config_file") + 1]).read_text())
+            want = {"DEEPSPEED": "zero3", "FSDP": "fsdp2"}.get(launch_cfg["distributed_type"], "none")
+            run_cfg = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+            assert run_cfg["sharding"] == want, (cmd, run_cfg["sharding"])
+            asked = _parse_workbench(_workbench_argv(shlex.split(cmd))).bf16  # the command's own, else the launcher's
+            assert run_cfg["bf16"] == (asked if asked is not None else launch_cfg.get("mixed_precision") == "bf16")
