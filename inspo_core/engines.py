@@ -130,6 +130,13 @@ class FSDP2(Engine):
         return norm.full_tensor()  # a DTensor over the shards
 
     def local_tensors(self, scorer) -> list[torch.Tensor]:
+        from torch.distributed.fsdp import FSDPModule
+
+        # a forward without a backward (validation) leaves the root's parameters unsharded: plain tensors
+        # until the next backward; reshard first, so each rank reads its own shards
+        for m in scorer.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
         return [p.to_local() for p in scorer.parameters() if p.requires_grad]
 
     def gathered_state(self, acc, scorer):
