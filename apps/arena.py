@@ -218,7 +218,7 @@ class Workbench:
         """`workbench eval` of A against B as baseline, on the app's prompt set: the same sampling, judgement
         keys, judgement log and reuse, written to its own file (`batch_path`), so a Batch result and an `eval`
         result with the same settings are the same numbers."""
-        from workbench.evaluation import EvalConfig, evaluate
+        from inspo_core.eval_pipeline import EvalConfig, evaluate
 
         pa, pb = self.resolve(a), self.resolve(b)
         if not self.example_prompts(a):

@@ -6,7 +6,7 @@ naming the view used for the chosen and for the rejected response.
 
 One strategy is not a preference loss: `distill` (issue 21, context distillation) imitates its
 `chosen` column, -log pi(y | x), on data whose chosen response is a sample of a conditioned teacher
-pi_T(. | x, y') and whose rejected response is the draft y' the teacher saw (`inspo_core.distill`).
+pi_T(. | x, y') and whose rejected response is the draft y' the teacher saw (`workbench.distill`).
 With y ~ pi_T that is the sequence-level forward KL(sg pi_T(.|x, y') || pi(.|x)) up to the teacher's
 entropy, a constant; the draft is scored for the logs only.
 """
@@ -83,7 +83,7 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("one_sided_paper", "Table 4 as printed: log pi(y_w|x,y_l), log pi(y_l|x,y_l)"),
         Strategy("averaged", "(1-w) * none + w * symmetric (Table 4 'Averaged', w=0.5)", uses_weight=True),
         Strategy("distill", "context distillation: -log pi(y|x) of the chosen, a conditioned teacher's sample "
-                 "(data from inspo_core.distill; the objective is not used)", imitate=True),
+                 "(data from workbench.distill; the objective is not used)", imitate=True),
     ]
 }
 

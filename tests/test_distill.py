@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from inspo_core.distill import (
+from workbench.distill import (
     STAGES, marginal_value, oracle_agreement, revision_pairs, teacher_rows,
 )
 from inspo_core.strategies import L_GIVEN_W, L_PLAIN, W_GIVEN_L, W_PLAIN, resolve_method, strategy_loss
@@ -207,7 +207,7 @@ def test_theory_values_by_hand():
     0.8 * 0.6 + 0.2; pi_star answers each draft with its beater (0.9): V(pi_star) = 0.8 * 0.9 + 0.2; m* =
     (1/4 rock [beats scissors], 1/2 paper [beats rock], 1/4 scissors [beats paper]) has V_p = 0.25 * 0.5 +
     0.5 * 0.6 + 0.25 * 0.4 = 0.525."""
-    from inspo_core.distill import theory_values
+    from workbench.distill import theory_values
 
     class RPS:
         items = ["rock", "paper", "scissors"]

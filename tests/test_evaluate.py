@@ -106,7 +106,7 @@ def test_eval_leaves_a_demo_runs_eval_json_untouched(tmp_path, tokenizer, monkey
 
     import yaml
 
-    import workbench.evaluation as ev
+    import inspo_core.eval_pipeline as ev
     from inspo_core.models import tiny_llama
     from inspo_core.rundir import RunDir
 

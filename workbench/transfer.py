@@ -14,7 +14,7 @@ policy, the transfer gap V(deployed INS) - V(deployed DPO) paired by seed, the r
 V(reflective) - V(deployed) of the same runs, and where the deployed V lands between pi_ref (0) and
 pi_bar (1), the best any prompt-only policy can do (pi_star is the conditioned optimum).
 
-Strategies may also name stages (`inspo_core.distill.STAGES`: `revise`, `distill`, `dpo_long`), second
+Strategies may also name stages (`workbench.distill.STAGES`: `revise`, `distill`, `dpo_long`), second
 runs that carry the INS run's reflection into pi(.|x); each is trained after the point's demo, from the
 same seed's `symmetric` run, and measured against the same opponents. Their rows add the compute they
 spent, the theory's prediction V(m) (the INS teacher's marginal) and where the deployed V lands between
@@ -47,7 +47,7 @@ class TransferConfig:
     worlds: list = opt(["cyclic:0", "cyclic:1", "bradley_terry", "salience"],
                        "worlds: cyclic:<bt> (tournament + bt x a separable score), bradley_terry, salience")
     strategies: list = opt(["none", "symmetric", "averaged"], "strategies (none is the DPO baseline of the gap) and "
-                           "stages after them (inspo_core.distill: revise, distill, dpo_long)")
+                           "stages after them (workbench.distill: revise, distill, dpo_long)")
     stage_steps: int = opt(125, "optimizer steps of a stage (revise, distill); dpo_long trains max_steps + this")
     stage_samples: int = opt(2000, "drafts y' ~ pi_ref (each with one revision) a stage's teacher samples per seed")
     w: float = opt(0.5, "weight of the symmetric term of `averaged`")
@@ -77,7 +77,7 @@ class TransferConfig:
                 world_settings(w)
             except ValueError as e:
                 problems.append(str(e))
-        from inspo_core.distill import STAGES
+        from workbench.distill import STAGES
         from inspo_core.strategies import STRATEGIES
 
         for s in self.strategies:
@@ -161,7 +161,7 @@ def points(cfg: TransferConfig) -> list[dict]:
 
 
 def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
-    from inspo_core.distill import STAGES, run_stages
+    from workbench.distill import STAGES, run_stages
     from inspo_core.evaluate import write_json
     from workbench.demo import make_world, run_demo
     from workbench.demo_config import DemoConfig
@@ -183,7 +183,7 @@ def run_point(cfg: TransferConfig, point: dict, log=print) -> dict:
     if stages:  # after the demo: the stages continue its runs; their records sit beside summary.json
         extra = run_stages(stages, the_world, demo_cfg, summary, steps=cfg.stage_steps, n_samples=cfg.stage_samples,
                            log=log)
-        from inspo_core.distill import theory_values
+        from workbench.distill import theory_values
 
         opp = the_world.opponents(demo_cfg.cache_dir, the_world.reference(demo_cfg.cache_dir), demo_cfg.n_eval)
         theory = theory_values(the_world, opp)
@@ -223,7 +223,7 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict:
         f"{doc['minutes']:.0f} min)")
     stages = format_stage_table(doc)
     if stages:
-        log(f"\nstages (inspo_core.distill):\n{stages}")
+        log(f"\nstages (workbench.distill):\n{stages}")
     held = findings(doc)
     log("\n".join(["across seeds:"] + held) if held else "no gap or gain is separated from 0 across these seeds")
     return doc
@@ -261,7 +261,7 @@ def parameters(summary: dict) -> int:
 def analyse_point(summary: dict) -> list[dict]:
     """One row per strategy: deployed and reflective V, gap to DPO and reflection gain (paired by
     seed), and the deployed V's place between pi_ref (0) and pi_bar (1). Rows of stages
-    (inspo_core.distill) and of the strategy they continue add `marginal` (the theory's prediction
+    (workbench.distill) and of the strategy they continue add `marginal` (the theory's prediction
     V(m) of the teacher's marginal, at the measurement's sampling) and `marginal_gap_vs_dpo` (V(m) - V DPO,
     paired by seed: the gap a perfect distillation would have), a stage's `toward_marginal`
     ((V - V DPO) / (V(m) - V DPO): 0 at DPO, 1 at the prediction), `gap_vs_dpo_long` (against DPO at
@@ -289,7 +289,7 @@ def analyse_point(summary: dict) -> list[dict]:
                      "pi_ref": v_ref, "pi_bar": c.get("pi_bar", float("nan")),
                      "pi_star": c.get("pi_star", float("nan"))})
     _stage_columns(rows, by_seed, summary.get("config", {}))
-    for row in rows:  # V(m*): distilling the optimal reflection (inspo_core.distill.theory_values)
+    for row in rows:  # V(m*): distilling the optimal reflection (workbench.distill.theory_values)
         if "theory" in summary:
             row["pi_star_marginal"] = summary["theory"]["pi_star_marginal"]
     return rows
@@ -297,7 +297,7 @@ def analyse_point(summary: dict) -> list[dict]:
 
 def _stage_columns(rows: list[dict], by_seed: dict, demo_config: dict) -> None:
     """The stage columns of `analyse_point`, added in place."""
-    from inspo_core.distill import STAGES
+    from workbench.distill import STAGES
 
     steps = demo_config.get("max_steps")
     dpo = {k: r["deployed"]["V_identity"] for (st, k), r in by_seed.items() if st == "none"}
@@ -400,7 +400,7 @@ def format_stage_table(doc: dict) -> str:
     of the INS teacher's marginal (the theory's prediction for distilling it) and its gap to DPO, where
     the deployed V lands from DPO (0) to V(m) (1), the compute (optimizer steps, sequences sampled beyond
     DPO's) and, for revise, the oracle's mean P(revision > draft). Empty when no point ran a stage."""
-    from inspo_core.distill import STAGES
+    from workbench.distill import STAGES
 
     pts = [p for p in doc["points"] if any(r["strategy"] in STAGES for r in p["rows"])]
     if not pts:
@@ -444,7 +444,7 @@ def reanalyse(output_dir: str | Path, cache_dir: str | None = None) -> dict:
     point's summary.json and, where it ran stages, stages.json): nothing is trained or measured. A
     stage point recorded without the exact V(m*) gets it when `cache_dir` holds its world's pi_ref: the
     world is rebuilt from summary.json and its opponents re-sampled (the same fixed seed as measured)."""
-    from inspo_core.distill import theory_values
+    from workbench.distill import theory_values
     from inspo_core.worlds.base import world_class
 
     doc = load_transfer(Path(output_dir) / "transfer.json")
