@@ -122,7 +122,8 @@ def _tiny(argv: list[str], scratch: Path) -> list[str] | None:
     command, rest = argv[0], argv[1:]
     out = ["--output_dir", str(scratch / "out")]
     if command == "train":  # a tiny model on the toy pairs at a short length: the rest is the command's own
-        return [command, *rest, *out, "--model", "tiny", "--data", TOY, "--max_length", "64", "--tiny_hidden", "32",
+        return [command, *rest, *out, "--model", "tiny", "--data", TOY, "--eval_data", "null", "--val_size", "8",
+                "--max_response_tokens", "null", "--min_response_tokens", "null", "--max_length", "64", "--tiny_hidden", "32",
                 "--tiny_layers", "2", "--max_steps", "2", "--eval_every", "1", "--save_every", "2",
                 "--cache_dir", str(scratch / "cache")]
     if command == "demo":
