@@ -76,30 +76,40 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     return evaluate(cfg, log)[0]
 
 
+def resolve_models(checkpoints: list, baseline: str | None, cache_dir: str):
+    """(checkpoint directories, the world of the first or None, the reference directory, the baseline's
+    directory). `baseline` 'ref' is the world's pi_ref, else the run's starting model (config.yaml's
+    resolved_model), and the reference directory becomes it; None resolves no baseline."""
+    from inspo_core.catalog import resolve_model
+    from inspo_core.worlds import world_of
+
+    ckpts = [model_dir(resolve_model(c, cache_dir)) for c in checkpoints]
+    found = world_of(ckpts[0])
+    world, ref_dir = found if found else (None, None)
+    if baseline is None:
+        return ckpts, world, ref_dir, None
+    if baseline != "ref":
+        return ckpts, world, ref_dir, model_dir(resolve_model(baseline, cache_dir))
+    if ref_dir is None:
+        run = RunDir.of_model(ckpts[0])
+        resolved = run.read_config().get("resolved_model") if run else None
+        if not resolved:
+            raise ValueError("baseline 'ref' needs a run directory (its config.yaml names the starting model); "
+                             "give --baseline PATH instead")
+        ref_dir = Path(resolved)
+    return ckpts, world, ref_dir, ref_dir
+
+
 def evaluate(cfg: EvalConfig, log=print, progress=None) -> tuple[dict, dict[str, list]]:
     """`run_eval`'s work: (the document it writes, each checkpoint's judgements in prompt x sample order).
     The app's Batch tab calls this too, so a Batch result and an `eval` result with the same settings are
     the same numbers from the same judgements. `progress(fraction, what)` is told each stage."""
-    from inspo_core.worlds import world_of
 
     progress = progress or (lambda fraction, what: None)
 
     from inspo_core.catalog import resolve_model
 
-    ckpts = [model_dir(resolve_model(c, cfg.cache_dir)) for c in cfg.checkpoints]
-    found = world_of(ckpts[0])
-    world, ref_dir = found if found else (None, None)
-    if cfg.baseline == "ref":
-        if ref_dir is None:
-            run = RunDir.of_model(ckpts[0])
-            resolved = run.read_config().get("resolved_model") if run else None
-            if not resolved:
-                raise ValueError("baseline 'ref' needs a run directory (its config.yaml names the starting model); "
-                                 "give --baseline PATH instead")
-            ref_dir = Path(resolved)
-        baseline = ref_dir
-    else:
-        baseline = model_dir(resolve_model(cfg.baseline, cfg.cache_dir))
+    ckpts, world, ref_dir, baseline = resolve_models(cfg.checkpoints, cfg.baseline, cfg.cache_dir)
     prompts = load_prompts(cfg.prompts, world)
     judge_model = resolve_model(cfg.judge_model, cfg.cache_dir) if cfg.judge_model else None
     judge = make_judge(cfg.judge, world=world, path=judge_model, base_url=cfg.judge_url,

@@ -28,7 +28,6 @@ from inspo_core.evaluate import (
     JudgementLog, describe_checkpoint, generate_responses, judge_all, judgement_key, summarize, write_json,
 )
 from inspo_core.judges import JUDGES, make_judge
-from inspo_core.rundir import RunDir, model_dir
 
 # hub name -> (dataset, config, split, how a row becomes turns); loaded only when asked for, online
 HUB_SETS = {
@@ -234,25 +233,10 @@ def run_protocol(cfg: ProtocolConfig, log=print) -> dict:
     from inspo_core.catalog import resolve_model
     from inspo_core.grading import GradeLog
     from inspo_core.style_control import style_controlled_win_rate
-    from inspo_core.worlds import world_of
-    from workbench.evaluation import check_output
+    from inspo_core.eval_pipeline import check_output, resolve_models
 
-    ckpts = [model_dir(resolve_model(c, cfg.cache_dir)) for c in cfg.checkpoints]
-    found = world_of(ckpts[0])
-    world, ref_dir = found if found else (None, None)
-    if cfg.baseline == "answers":
-        baseline = None
-    elif cfg.baseline == "ref":
-        if ref_dir is None:
-            run = RunDir.of_model(ckpts[0])
-            resolved = run.read_config().get("resolved_model") if run else None
-            if not resolved:
-                raise ValueError("baseline 'ref' needs a run directory (its config.yaml names the starting model); "
-                                 "give --baseline PATH instead")
-            ref_dir = Path(resolved)
-        baseline = ref_dir
-    else:
-        baseline = model_dir(resolve_model(cfg.baseline, cfg.cache_dir))
+    ckpts, world, ref_dir, baseline = resolve_models(cfg.checkpoints, None if cfg.baseline == "answers" else
+                                                     cfg.baseline, cfg.cache_dir)
     sets = {k: load_prompt_set(getattr(cfg, k), world, k) for k in ("alpaca_eval", "arena_hard", "mt_bench")}
     judge_model = resolve_model(cfg.judge_model, cfg.cache_dir) if cfg.judge_model else None
     judge = make_judge(cfg.judge, world=world, path=judge_model, base_url=cfg.judge_url, model=cfg.judge_name,
