@@ -143,12 +143,15 @@ def _choose_start(cfg: TrainConfig, run: RunDir, acc, say) -> Path | None:
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict | None, ckpt: Path) -> None:
-    """A resume continues the same run: every key that changes the run must equal the checkpoint's."""
+    """A resume continues the same run: every key that changes the run must equal the checkpoint's. `cfg` is
+    resolved (`inspo_core.launch.resolve_launch`: sharding auto and bf16 null as this launch resolves them), and
+    resolved before an Accelerator exists: accelerate writes `ACCELERATE_USE_DEEPSPEED` / `ACCELERATE_USE_FSDP` into
+    the process's environment when given a plugin, so reading the launcher again afterwards misreads it."""
     if saved is None:
         return  # a checkpoint from before configs were recorded in it
-    from inspo_core.launch import resolve_launch
-
-    now = dataclasses.asdict(resolve_launch(cfg)[0])  # sharding auto and bf16 null as this launch resolves them
+    if cfg.sharding == "auto" or cfg.bf16 is None:
+        raise ValueError("check_resume_config needs a resolved config (inspo_core.launch.resolve_launch)")
+    now = dataclasses.asdict(cfg)
     differ = sorted(k for k in now if k not in RESUME_FREE_KEYS and k in saved and saved[k] != now[k])
     if differ:
         parts = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in differ]

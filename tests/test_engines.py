@@ -162,18 +162,21 @@ def test_resume_check_compares_what_auto_resolves_to(monkeypatch, tmp_path):
     (the demo checks its runs this way), and a recorded engine this launch would not choose is named."""
     import dataclasses
 
+    from inspo_core.launch import resolve_launch
     from inspo_core.plan import check_resume_config
 
     for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(key, raising=False)
     now = tcfg()
     saved = dataclasses.asdict(now) | {"sharding": "none", "bf16": False}
-    check_resume_config(now, saved, tmp_path)
+    check_resume_config(resolve_launch(now)[0], saved, tmp_path)
     with pytest.raises(ValueError, match="sharding: 'zero3' in the checkpoint, 'none' now"):
-        check_resume_config(now, saved | {"sharding": "zero3"}, tmp_path)
+        check_resume_config(resolve_launch(now)[0], saved | {"sharding": "zero3"}, tmp_path)
+    with pytest.raises(ValueError, match="needs a resolved config"):
+        check_resume_config(now, saved, tmp_path)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ValueError, match="bf16: False in the checkpoint, True now"):
-        check_resume_config(now, saved, tmp_path)
+        check_resume_config(resolve_launch(now)[0], saved, tmp_path)
 
 
 def test_the_readme_cluster_command_shards_with_zero3_in_bf16():

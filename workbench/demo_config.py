@@ -141,6 +141,7 @@ def train_and_evaluate(cfg: DemoConfig, run: TrainConfig, settings: dict, evalua
     or, with none saved, starts again. A run made with another config is refused, naming the keys."""
     from inspo_core.evaluate import describe_checkpoint, write_json
     from inspo_core.models import is_model_dir
+    from inspo_core.launch import resolve_launch
     from inspo_core.plan import check_resume_config
     from inspo_core.trainer import train
 
@@ -148,7 +149,7 @@ def train_and_evaluate(cfg: DemoConfig, run: TrainConfig, settings: dict, evalua
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back from eval.json
     trained = False
     if cfg.resume and rd.artifacts():
-        check_resume_config(run, rd.read_config() or None, rd.config_path)
+        check_resume_config(resolve_launch(run)[0], rd.read_config() or None, rd.config_path)
         if is_model_dir(rd.final):  # a saved model, or a LoRA run's adapter
             identity = describe_checkpoint(rd.final)
             stored = json.loads(rd.eval_json.read_text()) if rd.eval_json.is_file() else {}
