@@ -214,15 +214,22 @@ def save_gathered(lm, tokenizer, path: Path, state: dict[str, torch.Tensor]) -> 
 
 
 def save_model(accelerator, engine, scorer, lm, tokenizer, path: Path, *, merge_lora: bool = False) -> None:
-    """HF-loadable weights of `lm` into `path`, atomically: every rank takes part in the engine's gather, the
-    main process writes. Raises CheckpointError when the directory cannot be written."""
-    state = engine.gathered_state(accelerator, scorer)
+    """HF-loadable weights of `lm` into `path`, atomically: every rank takes part in the engine's gather (or,
+    when the engine `streams_final`, in its gathers of one tensor at a time), the main process writes. Raises
+    CheckpointError when the directory cannot be written."""
+    streamed = engine.streams_final(lm, merge_lora)
+    state = None if streamed else engine.gathered_state(accelerator, scorer)
     if accelerator.is_main_process:
         try:
             with atomic_path(path, directory=True) as tmp:
-                engine.write_model(lm, tokenizer, tmp, state, merge_lora=merge_lora)
+                if streamed:
+                    engine.write_streamed(scorer, lm, tokenizer, tmp, is_main=True)
+                else:
+                    engine.write_model(lm, tokenizer, tmp, state, merge_lora=merge_lora)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"could not save the model to {path}: {e}") from e
+    elif streamed:
+        engine.write_streamed(scorer, lm, tokenizer, None, is_main=False)  # the gathers the main process writes
     accelerator.wait_for_everyone()
 
 

@@ -30,6 +30,9 @@ class Engine:
     summary = "every process holds the whole model (DDP when launched on several)"
     # a checkpoint's weights are a plain HF model: a resume builds the policy from the checkpoint directory
     checkpoint_holds_model = True
+    # the model is built on the meta device, sharded, and each rank reads its shards from the files
+    # (inspo_core.shard_io); the reference pass then runs on the sharded policy
+    loads_into_shards = False
 
     def __repr__(self) -> str:
         return f"<engine {self.name}>"
@@ -83,6 +86,11 @@ class Engine:
         write), or None when the module on the main process already holds the whole model."""
         return None
 
+    def streams_final(self, lm, merge_lora: bool) -> bool:
+        """Whether `final/` and `best/` are written by `write_streamed` (every rank, one tensor at a time)
+        instead of `gathered_state` + `write_model`."""
+        return False
+
     def write_model(self, lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
         """`final/` or `best/` into the (temporary) directory `path` on the main process, from `gathered_state`."""
         from inspo_core.checkpoint import write_model
@@ -111,6 +119,7 @@ class FSDP2(Engine):
     name = "fsdp2"
     summary = "parameters, gradients and optimizer state sharded per decoder layer (torch FSDP2, CPU or GPU)"
     checkpoint_holds_model = False  # DCP shards: the policy is built from the source, the shards read into it
+    loads_into_shards = True
 
     def accelerator(self, cfg, on_cpu: bool, say=print):
         with _env_unset("ACCELERATE_USE_FSDP"):  # the workbench shards; accelerate must not add its FSDP plugin
@@ -129,15 +138,31 @@ class FSDP2(Engine):
         norm = super().clip_grad_norm(acc, scorer, max_norm)
         return norm.full_tensor()  # a DTensor over the shards
 
-    def local_tensors(self, scorer) -> list[torch.Tensor]:
+    @staticmethod
+    def _reshard(scorer) -> None:
+        """A forward without a backward (validation) leaves the root's parameters unsharded (plain tensors
+        until the next backward): shard them again, so each rank holds and reads its own shards."""
         from torch.distributed.fsdp import FSDPModule
 
-        # a forward without a backward (validation) leaves the root's parameters unsharded: plain tensors
-        # until the next backward; reshard first, so each rank reads its own shards
         for m in scorer.modules():
             if isinstance(m, FSDPModule):
                 m.reshard()
+
+    def local_tensors(self, scorer) -> list[torch.Tensor]:
+        self._reshard(scorer)
         return [p.to_local() for p in scorer.parameters() if p.requires_grad]
+
+    def streams_final(self, lm, merge_lora: bool) -> bool:
+        return not hasattr(lm, "peft_config")  # LoRA: the adapter (small) or its merge, from the gathered state
+
+    def write_streamed(self, scorer, lm, tokenizer, path: Path | None, is_main: bool) -> None:
+        """`final/` or `best/`: every rank gathers one tensor at a time, the main process appends it to `path`."""
+        from inspo_core.shard_io import write_streamed
+
+        self._reshard(scorer)
+        write_streamed(lm, path, is_main)
+        if is_main:
+            tokenizer.save_pretrained(path)
 
     def gathered_state(self, acc, scorer):
         from inspo_core.sharding import full_state_dict

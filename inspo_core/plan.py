@@ -28,6 +28,8 @@ from inspo_core.models import build_tiny, is_model_dir, load_model, load_tokeniz
 from inspo_core.refcache import RefCache, RefStats, compute_ref_logps
 from inspo_core.rundir import RESUME_FREE_KEYS, RunDir
 from inspo_core.strategies import L_PLAIN, W_PLAIN, Method, View, resolve_method
+from inspo_core.logps import TokenLogps
+from inspo_core.shard_io import checkpoint_files, empty_model, fill_shards, materialize, streamable
 from inspo_core.tree_attention import use_tree_attention
 
 PLAIN_VIEWS = (W_PLAIN, L_PLAIN)
@@ -57,8 +59,10 @@ class TrainPlan:
 
 
 def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = "") -> tuple[TrainPlan, torch.nn.Module]:
-    """(plan, policy on the accelerator's device, not yet wrapped by the engine). `cfg` is resolved (its
-    sharding names `engine`); `launcher` describes what chose it, for the run's record."""
+    """(plan, the policy's TokenLogps on the accelerator's device, sharded by the engine, its optimizer not yet
+    built). `cfg` is resolved (its sharding names `engine`); `launcher` describes what chose it, for the run's
+    record. An engine that `loads_into_shards` builds the model on the meta device and each rank reads only its
+    shards from the safetensors files, unless `_whole_load_reason` names why it cannot."""
     assert cfg.sharding == engine.name, (cfg.sharding, engine)
     run = RunDir(cfg.output_dir)
     run.check_usable()
@@ -94,8 +98,15 @@ def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = ""
     # a sharded checkpoint (FSDP2, ZeRO-3) holds shards, not a model: start from the source; the engine reads
     # the shards into the sharded model
     from_ckpt = resume_from if engine.checkpoint_holds_model else None
-    with engine.load_context(acc):
-        policy = _load_policy(cfg, source, from_ckpt)
+    why = _whole_load_reason(cfg, method, source) if engine.loads_into_shards else None
+    if why:
+        say(f"engine {engine.name}: every rank loads the whole weights ({why})")
+    into_shards = why == ""
+    if not into_shards:
+        with engine.load_context(acc):
+            policy = _load_policy(cfg, source, from_ckpt)
+    else:  # built on the meta device; parameters exist only as this rank's shards
+        policy = empty_model(source, trust_remote_code=cfg.trust_remote_code)
     if cfg.packing == "tree":  # attention per tree segment instead of a dense mask over packed rows
         use_tree_attention(policy)
     if cfg.gradient_checkpointing:
@@ -104,15 +115,26 @@ def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = ""
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.to(acc.device)
-    ref_train, ref_val, ref_stats = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, engine,
-                                               say, fresh=resume_from is None)
+    scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
+    if not into_shards:  # the reference pass on whole weights, then the engine's wrapping
+        policy.to(acc.device)
+        refs = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, engine, say,
+                          fresh=resume_from is None)
+        scorer = engine.shard(acc, scorer)
+    else:  # shard, fill each rank's shards from the files, and score the reference with the sharded policy
+        scorer = engine.shard(acc, scorer)
+        materialize(scorer, acc.device)
+        read = fill_shards(policy, source)
+        say(f"engine {engine.name}: weights loaded into the shards ({read / 2**20:.0f} MB read by this rank)")
+        refs = _reference(cfg, method, source, scorer, train_pairs, val_pairs, pad_id, acc, engine, say,
+                          fresh=True, lockstep=True)
+    ref_train, ref_val, ref_stats = refs
     record = dataclasses.asdict(cfg) | {"resolved_model": source,
                                         # how it was launched: not part of the config hash (one process = two)
                                         "_launch": {"launcher": launcher, "processes": world}}
     plan = TrainPlan(cfg, method, engine, eval_views, run, source, tokenizer, pad_id, train_pairs, val_pairs, ref_train,
                      ref_val, ref_stats, per_epoch, total, global_batch, resume_from, record)
-    return plan, policy
+    return plan, scorer
 
 
 # ---- the run directory -----------------------------------------------------------------------------
@@ -222,6 +244,17 @@ def _length_filter(cfg: TrainConfig, rows: list[dict], tokenizer, say) -> list[d
     return kept
 
 
+def _whole_load_reason(cfg: TrainConfig, method: Method, source: str) -> str:
+    """Why an engine that loads into shards must load whole weights on every rank instead ('' when it need not)."""
+    if cfg.lora:
+        return "LoRA adapters are added to whole weights"
+    if cfg.ref_model and method.objective.needs_reference:
+        return "a separate ref_model is scored before sharding"
+    if not checkpoint_files(source):
+        return f"{source} is not a directory of safetensors files"
+    return streamable(source, empty_model(source, trust_remote_code=cfg.trust_remote_code))
+
+
 def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
     dtype = torch.float32  # master weights in fp32; bf16 runs use autocast
     if cfg.lora:
@@ -243,15 +276,54 @@ def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
 
 # ---- the reference -------------------------------------------------------------------------------------
 
+def _reference_lockstep(cfg: TrainConfig, method: Method, source: str, scorer, splits, pad_id, acc, engine, say):
+    """`_reference` with a sharded scorer: the ranks agree on what the cache holds before any computes."""
+    cache = RefCache(cfg.cache_dir)
+    views = method.ref_views
+    with acc.main_process_first():
+        ref_id = cache.model_id(source)
+    keys = [cache.key(ref_id, pairs, views, "bf16" if cfg.bf16 else "fp32") for pairs in splits]
+    found = [cache.load(k, views) for k in keys]
+    hits = torch.tensor([float(got is not None) for got, _ in found], device=acc.device)
+    everywhere = acc.reduce(hits, "sum").tolist()  # a file one rank read and another did not is computed again
+    results, forwards = [], 0
+    for pairs, key, (got, why), n in zip(splits, keys, found, everywhere):
+        if n == acc.num_processes:
+            results.append(got)
+            continue
+        with engine.reference_autocast(acc, cfg.bf16):
+            got, f = compute_ref_logps(scorer, pairs, views, batch_size=cfg.batch_size, pad_id=pad_id,
+                                       chunk_mb=cfg.logps_chunk_mb, packing=cfg.packing,
+                                       mask_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        forwards += f
+        if acc.is_main_process:
+            cache.store(key, got)
+        if why:
+            say(why)
+        results.append(got)
+    acc.wait_for_everyone()
+    path = str(cache.dir / f"{keys[0]}.safetensors")
+    stats = RefStats(forwards, forwards == 0, path)
+    say(f"reference log-probs: {'cache hit' if stats.cache_hit else 'computed'} ({forwards} reference forwards, "
+        f"the sharded policy on every rank) {path}")
+    return results[0], results[1], stats
+
+
 def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pairs, val_pairs, pad_id, acc, engine,
-               say, fresh: bool = True):
+               say, fresh: bool = True, lockstep: bool = False):
     """Reference log-probs of train and validation pairs, from the cache when possible, computed before
     the policy is sharded or wrapped. The cache key is the reference's files (config + full weights;
     with LoRA the base model, adapters excluded), the scored token sequences and the dtype. The
     reference is the policy itself when it still holds the reference's weights (LoRA with adapters
-    disabled, or a fresh run from the same model): no second model per process."""
+    disabled, or a fresh run from the same model): no second model per process.
+
+    `lockstep`: `policy` is the sharded scorer holding the source's weights; every rank scores every pair in
+    the same batches (each forward gathers the shards), so the pass takes what one process's would, no rank
+    holds a whole model, and the main process writes the cache."""
     if not method.objective.needs_reference:
         return {}, {}, RefStats(cache_hit=True)
+    if lockstep:
+        return _reference_lockstep(cfg, method, source, policy, (train_pairs, val_pairs), pad_id, acc, engine, say)
     cache = RefCache(cfg.cache_dir)
     ref_source = source if cfg.lora else (resolve_model(cfg.ref_model, cfg.cache_dir) if cfg.ref_model else source)
     views = method.ref_views

@@ -117,7 +117,11 @@ class RefCache:
         if got is not None:
             return got, RefStats(0, True, str(path))
         tensors, forwards = compute()
-        named = {v.key: t.float().contiguous().cpu() for v, t in tensors.items()}
-        with atomic_path(path) as tmp:
-            save_file(named, str(tmp), metadata={"sha256": _checksum(named), "key": key})
+        self.store(key, tensors)
         return tensors, RefStats(forwards, False, str(path), why)
+
+    def store(self, key: str, tensors: dict[View, torch.Tensor]) -> None:
+        """`tensors` under `key`, atomically (a reader sees the old file or the whole new one)."""
+        named = {v.key: t.float().contiguous().cpu() for v, t in tensors.items()}
+        with atomic_path(self.dir / f"{key}.safetensors") as tmp:
+            save_file(named, str(tmp), metadata={"sha256": _checksum(named), "key": key})

@@ -28,7 +28,6 @@ from inspo_core.checkpoint import (
 )
 from inspo_core.config import TrainConfig
 from inspo_core.distributed import Processes
-from inspo_core.logps import TokenLogps
 from inspo_core.plan import TrainPlan, prepare
 from inspo_core.refcache import RefStats
 from inspo_core.scoring import score_views
@@ -205,9 +204,8 @@ class Trainer:
             raise ValueError("this Accelerator carries accelerate's FSDP plugin; the workbench shards the model itself "
                              "(sharding fsdp2, the same code on CPU and GPU): build it without one")
         torch.manual_seed(cfg.seed)
-        self.plan, policy = prepare(cfg, acc, engine, self.say, launcher=self.launcher.describe())
+        self.plan, scorer = prepare(cfg, acc, engine, self.say, launcher=self.launcher.describe())
         plan, run = self.plan, self.plan.run
-        scorer = engine.shard(acc, TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb))
         optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
                                       betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan.total_steps, cfg.warmup_ratio,

@@ -96,6 +96,27 @@ def test_fsdp2_two_processes_train_like_one(runs):
     assert 0.45 < two_mb / one_mb < 0.55
 
 
+def test_fsdp2_loads_into_shards_and_scores_the_reference_with_them(runs, tmp_path):
+    """No rank builds the whole model: it is built on the meta device, each rank reads its shards, and with an
+    empty reference cache the sharded policy scores the reference on every rank in lockstep. Its log-probs equal
+    the single-process run's (the same cache key, so one cache serves both)."""
+    root, cache, kw, two = runs
+    assert "weights loaded into the shards" in two.stdout and "whole weights" not in two.stdout
+    fresh = tmp_path / "cache"
+    shutil.copytree(cache, fresh, ignore=shutil.ignore_patterns("refcache"))  # the same tiny model, no reference
+    res = train(tmp_path / "fresh", fresh, *kw, "--batch_size", "2", "--sharding", "fsdp2", "--max_steps", "1",
+                procs=2)
+    assert "computed" in res.stdout and "the sharded policy on every rank" in res.stdout
+    ours = {p.name: p for p in (fresh / "refcache").glob("*.safetensors")}
+    theirs = {p.name: p for p in (cache / "refcache").glob("*.safetensors")}
+    assert ours and set(ours) <= set(theirs)
+    for name, path in ours.items():
+        a, b = load_file(str(path)), load_file(str(theirs[name]))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=f"{name} {k}")
+
+
 def test_fsdp2_clipping_changes_the_update(runs, tmp_path):
     """The stale-parameter bug made clipping a no-op under FSDP2: without the limit the run differs."""
     root, cache, kw, _ = runs
