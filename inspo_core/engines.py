@@ -66,6 +66,9 @@ class Engine:
         """(scorer, optimizer) ready to train."""
         return acc.prepare(scorer, optimizer)
 
+    def after_forward(self, scorer) -> None:
+        """After forwards without a backward (the reference or validation pass): the scorer as training expects it."""
+
     # ---- the step -------------------------------------------------------------------------------
     def clip_grad_norm(self, acc, scorer, max_norm: float):
         """Clip the gradients of what the optimizer steps; the total norm before clipping, or None when the
@@ -138,10 +141,10 @@ class FSDP2(Engine):
         norm = super().clip_grad_norm(acc, scorer, max_norm)
         return norm.full_tensor()  # a DTensor over the shards
 
-    @staticmethod
-    def _reshard(scorer) -> None:
-        """A forward without a backward (validation) leaves the root's parameters unsharded (plain tensors
-        until the next backward): shard them again, so each rank holds and reads its own shards."""
+    def after_forward(self, scorer) -> None:
+        """A forward without a backward (reference, validation) leaves the root's parameters unsharded (plain
+        tensors until the next backward): shard them again, so each rank holds and reads its own shards and an
+        optimizer built now steps the sharded parameters."""
         from torch.distributed.fsdp import FSDPModule
 
         for m in scorer.modules():
@@ -149,7 +152,7 @@ class FSDP2(Engine):
                 m.reshard()
 
     def local_tensors(self, scorer) -> list[torch.Tensor]:
-        self._reshard(scorer)
+        self.after_forward(scorer)
         return [p.to_local() for p in scorer.parameters() if p.requires_grad]
 
     def streams_final(self, lm, merge_lora: bool) -> bool:
@@ -159,7 +162,7 @@ class FSDP2(Engine):
         """`final/` or `best/`: every rank gathers one tensor at a time, the main process appends it to `path`."""
         from inspo_core.shard_io import write_streamed
 
-        self._reshard(scorer)
+        self.after_forward(scorer)
         write_streamed(lm, path, is_main)
         if is_main:
             tokenizer.save_pretrained(path)

@@ -63,10 +63,10 @@ def tiny_llama(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, num_
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=overrides.pop("intermediate_size", hidden_size * 2),
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
+        num_key_value_heads=overrides.pop("num_key_value_heads", max(1, num_heads // 2)),
         max_position_embeddings=max_positions,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1,

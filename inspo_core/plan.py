@@ -58,11 +58,13 @@ class TrainPlan:
     config_record: dict  # what config.yaml and every checkpoint record
 
 
-def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = "") -> tuple[TrainPlan, torch.nn.Module]:
+def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = "",
+            mark=lambda phase: None) -> tuple[TrainPlan, torch.nn.Module]:
     """(plan, the policy's TokenLogps on the accelerator's device, sharded by the engine, its optimizer not yet
     built). `cfg` is resolved (its sharding names `engine`); `launcher` describes what chose it, for the run's
     record. An engine that `loads_into_shards` builds the model on the meta device and each rank reads only its
-    shards from the safetensors files, unless `_whole_load_reason` names why it cannot."""
+    shards from the safetensors files, unless `_whole_load_reason` names why it cannot. `mark(phase)` is called
+    when the model is loaded ("load") and the reference scored ("reference"), for the memory record."""
     assert cfg.sharding == engine.name, (cfg.sharding, engine)
     run = RunDir(cfg.output_dir)
     run.check_usable()
@@ -118,16 +120,21 @@ def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = ""
     scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
     if not into_shards:  # the reference pass on whole weights, then the engine's wrapping
         policy.to(acc.device)
+        mark("load")
         refs = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, engine, say,
                           fresh=resume_from is None)
+        mark("reference")
         scorer = engine.shard(acc, scorer)
     else:  # shard, fill each rank's shards from the files, and score the reference with the sharded policy
         scorer = engine.shard(acc, scorer)
         materialize(scorer, acc.device)
         read = fill_shards(policy, source)
         say(f"engine {engine.name}: weights loaded into the shards ({read / 2**20:.0f} MB read by this rank)")
+        mark("load")
         refs = _reference(cfg, method, source, scorer, train_pairs, val_pairs, pad_id, acc, engine, say,
                           fresh=True, lockstep=True)
+        engine.after_forward(scorer)  # the optimizer is built next, over the sharded parameters
+        mark("reference")
     ref_train, ref_val, ref_stats = refs
     record = dataclasses.asdict(cfg) | {"resolved_model": source,
                                         # how it was launched: not part of the config hash (one process = two)

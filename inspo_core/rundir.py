@@ -30,7 +30,7 @@ from inspo_core.atomic import atomic_write_text
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "best", "eval.json", "report.html",
-             "win_rates.json")
+             "win_rates.json", "memory.json")
 # keys that may differ between a run and its resume: they change where and how often things are
 # written, not the trajectory of the weights
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "output_dir", "cache_dir", "save_every", "save_total_limit",
@@ -77,6 +77,11 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / "report.html"
+
+    @property
+    def memory_json(self) -> Path:
+        """Each rank's peak memory after each phase of the run (the trainer writes it at the end)."""
+        return self.path / "memory.json"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / f"step-{step}"

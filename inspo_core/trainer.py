@@ -14,6 +14,7 @@ accumulation 8 and 2 processes x batch 4 all see the same global batches.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from inspo_core.atomic import atomic_write_text
 from inspo_core.checkpoint import (
     intact_checkpoints, load_trainer_state, mark_diverged, prune_checkpoints, save_checkpoint, save_model,
 )
@@ -105,6 +107,7 @@ class Trainer:
         # rank, world, barriers and sums come from the process group (DeepSpeed on CPU misreports them)
         self.acc = Processes(accelerator or self.engine.accelerator(self.cfg, on_cpu, _say_on_rank0))
         self.plan: TrainPlan | None = None
+        self.memory: dict[str, float] = {}  # phase -> this process's peak memory by its end (MB)
         self.session: Session | None = None
         for note in notes:
             self.say(note)
@@ -196,6 +199,29 @@ class Trainer:
         self.setup()
         return self.finish(self.train())
 
+    def _mark(self, phase: str) -> None:
+        """This process's peak resident memory (and CUDA's peak allocation) at the end of `phase`; a high-water
+        mark, so each phase's value includes the ones before it."""
+        self.memory[phase] = peak_mem_mb(self.acc.device)
+
+    def _write_memory(self) -> None:
+        """memory.json: every rank's marks (one collective), written by the main process."""
+        phases, world = list(self.memory), self.acc.num_processes
+        table = torch.zeros(world, len(phases), dtype=torch.float64, device=self.acc.device)
+        table[self.acc.process_index] = torch.tensor([self.memory[p] for p in phases], dtype=torch.float64)
+        table = self.acc.reduce(table, "sum").cpu()
+        if self.acc.is_main_process:
+            per_rank = [dict(zip(phases, map(float, row))) for row in table.tolist()]
+            peak = max(r[phases[-1]] for r in per_rank)
+            first = next(p for p in phases if max(r[p] for r in per_rank) >= peak - 1)
+            doc = {"unit": "MB", "measure": ("CUDA max_memory_allocated" if self.acc.device.type == "cuda" else
+                                              "peak resident set (VmHWM)") + " of each rank at the end of each phase",
+                   "engine": self.engine.name, "processes": world, "phases": phases, "ranks": per_rank,
+                   "peak_mb": peak, "peak_phase": first}
+            atomic_write_text(self.plan.run.memory_json, json.dumps(doc, indent=1))
+            self.say(f"peak memory per rank: {', '.join(f'{r[phases[-1]]:.0f}' for r in per_rank)} MB "
+                     f"(highest first reached by the end of: {first}) -> {self.plan.run.memory_json}")
+
     def setup(self) -> TrainPlan:
         """Everything before the first step: the plan (inspo_core.plan.prepare), the engine's scorer and
         optimizer, a resume's state, config.yaml and the trackers. Trains nothing."""
@@ -204,7 +230,7 @@ class Trainer:
             raise ValueError("this Accelerator carries accelerate's FSDP plugin; the workbench shards the model itself "
                              "(sharding fsdp2, the same code on CPU and GPU): build it without one")
         torch.manual_seed(cfg.seed)
-        self.plan, scorer = prepare(cfg, acc, engine, self.say, launcher=self.launcher.describe())
+        self.plan, scorer = prepare(cfg, acc, engine, self.say, launcher=self.launcher.describe(), mark=self._mark)
         plan, run = self.plan, self.plan.run
         optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
                                       betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -227,6 +253,7 @@ class Trainer:
                  f"validation pairs, {plan.total_steps} steps of {plan.global_batch} pairs, "
                  f"{acc.num_processes} process(es), engine {engine.name}")
         self.session = Session(scorer, optimizer, scheduler, start, best)
+        self._mark("setup")
         return plan
 
     def train(self) -> float:
@@ -289,6 +316,7 @@ class Trainer:
             if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
                 self._checkpoint(scorer, optimizer, scheduler, done, sess.best)
         progress.close()
+        self._mark("train")
         return last_loss
 
     def finish(self, last_loss: float) -> TrainResult:
@@ -299,6 +327,8 @@ class Trainer:
                    merge_lora=cfg.merge_final)
         if cfg.save_every:
             self._checkpoint(sess.scorer, sess.optimizer, sess.scheduler, plan.total_steps, sess.best)
+        self._mark("save")
+        self._write_memory()
         if cfg.report_to:
             acc.end_training()
         self.say(f"done: {plan.total_steps} steps, final loss {last_loss:.4f}; model in {run.final}")

@@ -104,9 +104,13 @@ def test_fsdp2_loads_into_shards_and_scores_the_reference_with_them(runs, tmp_pa
     assert "weights loaded into the shards" in two.stdout and "whole weights" not in two.stdout
     fresh = tmp_path / "cache"
     shutil.copytree(cache, fresh, ignore=shutil.ignore_patterns("refcache"))  # the same tiny model, no reference
-    res = train(tmp_path / "fresh", fresh, *kw, "--batch_size", "2", "--sharding", "fsdp2", "--max_steps", "1",
-                procs=2)
+    res = train(tmp_path / "fresh", fresh, *kw, "--batch_size", "2", "--sharding", "fsdp2", "--max_steps", "2",
+                "--save_every", "2", procs=2)
     assert "computed" in res.stdout and "the sharded policy on every rank" in res.stdout
+    # the reference forwards left the root unsharded; the optimizer must still step the sharded parameters (the
+    # checkpoint maps its state to them by name) and training equals the run whose reference came from the cache
+    assert (tmp_path / "fresh" / "checkpoints" / "step-2" / "dcp" / ".metadata").is_file()
+    assert rows(tmp_path / "fresh", "loss") == pytest.approx(rows(root / "two", "loss")[:2], abs=1e-6)
     ours = {p.name: p for p in (fresh / "refcache").glob("*.safetensors")}
     theirs = {p.name: p for p in (cache / "refcache").glob("*.safetensors")}
     assert ours and set(ours) <= set(theirs)

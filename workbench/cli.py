@@ -52,6 +52,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compare": ("a table and plots over runs", "workbench.sweep:CompareConfig", "workbench.sweep:run_compare"),
     "bench": ("the performance benchmark: strategies x packing x reference, side by side",
               "workbench.bench:BenchConfig", "workbench.bench:run_bench"),
+    "memory": ("peak memory per process of whole training runs: one process, and each engine on 1, 2, 4 processes",
+               "workbench.memory:MemoryConfig", "workbench.memory:run_memory"),
     "app": ("the Gradio app: arena, batch comparison, training dashboard (127.0.0.1 by default)",
             "apps.config:AppConfig", "apps.arena:launch"),
     "models": ("the models known by name (smollm2) and GGUF files, made into local checkpoints",

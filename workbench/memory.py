@@ -1,0 +1,151 @@
+"""`python -m workbench memory`: peak memory per process over a whole training run, by engine and process count.
+
+A Llama is built from a config (random weights, saved once as safetensors with a tokenizer trained on the
+data), then trained for a few steps as a user would run it: `python -m workbench train` for one process
+without sharding (the baseline), and `torchrun --nproc_per_node N -m workbench train --sharding E` for each
+engine and N. Every run has a reference cache of its own, so each one loads, scores the reference, trains,
+checkpoints and writes `final/`. The trainer records each rank's peak memory at the end of every phase
+(`memory.json` in the run directory); this command collects them into one table (`memory.md`, `memory.json`).
+
+Memory, not time, is measured: four processes on two cores are slow but their peaks are what they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from inspo_core.config import opt
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "examples" / "toy_preferences.jsonl"
+
+
+@dataclass
+class MemoryConfig:
+    hidden: int = opt(1024, "hidden size of the Llama built from a config")
+    layers: int = opt(28, "decoder layers")
+    intermediate: int = opt(4096, "MLP width")
+    heads: int = opt(16, "attention heads (as many key/value heads)")
+    vocab: int = opt(32000, "vocabulary of the model (the tokenizer trained on the data uses its first ids)")
+    engines: list = opt(["fsdp2", "zero3"], "sharded engines to measure (each with every process count)")
+    procs: list = opt([1, 2, 4], "process counts")
+    steps: int = opt(2, "optimizer steps per run (one checkpoint at the end, then final/)")
+    rows: int = opt(8, "training pairs (the reference pass scores them all)")
+    max_length: int = opt(64, "maximum tokens of one sequence")
+    data: str = opt(str(TOY), "preference data")
+    output_dir: str = opt("runs/memory", "runs, memory.json and memory.md")
+    cache_dir: str = opt(".cache/inspo", "where the model is built once")
+    timeout_s: int = opt(3600, "limit per run (a hang in a collective fails it)")
+    resume: bool = opt(False, "reuse the runs whose memory.json is already there")
+
+
+def build_model(cfg: MemoryConfig) -> Path:
+    """The model directory (built once per size): random weights, fp32 safetensors, a tokenizer."""
+    import torch
+
+    from inspo_core.atomic import atomic_path
+    from inspo_core.data import load_rows
+    from inspo_core.models import tiny_llama, train_tokenizer
+
+    spec = json.dumps([cfg.hidden, cfg.layers, cfg.intermediate, cfg.heads, cfg.vocab, Path(cfg.data).name])
+    path = Path(cfg.cache_dir) / "memory-model" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+    if (path / "config.json").is_file():
+        return path
+    texts = [r[k] for r in load_rows(cfg.data) for k in ("prompt", "chosen", "rejected") if isinstance(r.get(k), str)]
+    tok = train_tokenizer(texts)
+    if len(tok) > cfg.vocab:
+        raise ValueError(f"vocab {cfg.vocab} is smaller than the tokenizer's {len(tok)} tokens; raise --vocab")
+    model = tiny_llama(cfg.vocab, hidden_size=cfg.hidden, num_layers=cfg.layers, num_heads=cfg.heads,
+                       num_key_value_heads=cfg.heads, intermediate_size=cfg.intermediate, max_positions=1024)
+    with atomic_path(path, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return path
+
+
+def _launch(cfg: MemoryConfig, model: Path, engine: str, procs: int, out: Path) -> list[str]:
+    common = ["--model", str(model), "--data", cfg.data, "--max_rows", str(cfg.rows), "--val_size", "0",
+              "--max_length", str(cfg.max_length), "--batch_size", "1", "--grad_accum", "1",
+              "--max_steps", str(cfg.steps), "--save_every", str(cfg.steps), "--output_dir", str(out),
+              "--cache_dir", str(out / "cache"), "--sharding", engine, "--overwrite"]
+    if engine == "none" and procs == 1:
+        return [sys.executable, "-m", "workbench", "train", *common]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+            "-m", "workbench", "train", *common]
+
+
+def measure(cfg: MemoryConfig, model: Path, engine: str, procs: int) -> dict:
+    out = Path(cfg.output_dir) / f"{engine}-{procs}"
+    record = out / "memory.json"
+    if not (cfg.resume and record.is_file()):
+        out.mkdir(parents=True, exist_ok=True)
+        log = out / "log.txt"
+        print(f"memory: {engine} x {procs} process(es) ... (log {log})", flush=True)
+        with open(log, "w") as f:
+            res = subprocess.run(_launch(cfg, model, engine, procs, out), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=cfg.timeout_s)
+        if res.returncode != 0:
+            raise RuntimeError(f"{engine} x {procs}: the run failed (exit {res.returncode}); see {log}")
+    doc = json.loads(record.read_text())
+    phases = doc["phases"]
+    return {"engine": engine, "processes": procs, "peak_mb": doc["peak_mb"], "peak_phase": doc["peak_phase"],
+            "per_phase_mb": {p: max(r[p] for r in doc["ranks"]) for p in phases},
+            "per_rank_mb": [r[phases[-1]] for r in doc["ranks"]], "measure": doc["measure"]}
+
+
+def format_table(rows: list[dict], params: int) -> str:
+    base = next(r["peak_mb"] for r in rows if r["engine"] == "none")
+    head = ["engine", "processes", "peak per process (MB)", "x one process", "reached in", "load", "reference",
+            "train", "save"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ph = r["per_phase_mb"]
+        lines.append(f"| {r['engine']} | {r['processes']} | {r['peak_mb']:.0f} | {r['peak_mb'] / base:.2f} | "
+                     f"{r['peak_phase']} | " + " | ".join(f"{ph.get(p, float('nan')):.0f}"
+                                                           for p in ("load", "reference", "train", "save")) + " |")
+    return (f"Peak memory per process (the highest rank), {params / 1e6:.1f}M parameters, fp32 weights and Adam; "
+            "phase columns: the peak by the end of that phase (a high-water mark).\n\n" + "\n".join(lines) + "\n")
+
+
+def run_memory(cfg: MemoryConfig) -> list[dict]:
+    model = build_model(cfg)
+    n = _param_count(model)
+    rows = [measure(cfg, model, "none", 1)]
+    for engine in cfg.engines:
+        for procs in cfg.procs:
+            rows.append(measure(cfg, model, engine, int(procs)))
+    table = format_table(rows, n)
+    out = Path(cfg.output_dir)
+    from inspo_core.atomic import atomic_write_text
+
+    atomic_write_text(out / "memory.json", json.dumps({"config": dataclasses.asdict(cfg), "parameters": n,
+                                                       "rows": rows}, indent=1))
+    atomic_write_text(out / "memory.md", table)
+    print(table)
+    return rows
+
+
+def _param_count(model: Path) -> int:
+    """Parameters stored in the model's safetensors (read from the file headers)."""
+    import math
+
+    from safetensors import safe_open
+
+    from inspo_core.shard_io import checkpoint_files
+
+    total = 0
+    for file in sorted(set(checkpoint_files(model).values())):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
