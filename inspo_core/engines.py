@@ -69,6 +69,18 @@ class Engine:
     def after_forward(self, scorer) -> None:
         """After forwards without a backward (the reference or validation pass): the scorer as training expects it."""
 
+    # ---- loading into shards (engines with `loads_into_shards`) -----------------------------------------
+    def cannot_load_into_shards(self, cfg, source: str) -> str:
+        """Why this source cannot be loaded straight into this engine's shards ('' when it can)."""
+        return f"engine {self.name} loads whole weights"
+
+    def sharded_policy(self, cfg, source: str):
+        """The policy whose parameters are this rank's shards (or placeholders `fill_shards` fills)."""
+        raise NotImplementedError(self.name)
+
+    def fill_shards(self, acc, scorer, source: str, say) -> None:
+        """After `shard`: this rank's shards hold the source's weights."""
+
     # ---- the step -------------------------------------------------------------------------------
     def clip_grad_norm(self, acc, scorer, max_norm: float):
         """Clip the gradients of what the optimizer steps; the total norm before clipping, or None when the
@@ -93,6 +105,15 @@ class Engine:
         """Whether `final/` and `best/` are written by `write_streamed` (every rank, one tensor at a time)
         instead of `gathered_state` + `write_model`."""
         return False
+
+    def write_streamed(self, scorer, lm, tokenizer, path: Path | None, is_main: bool) -> None:
+        """`final/` or `best/`: every rank gathers one tensor at a time, the main process appends it to `path`."""
+        from inspo_core.shard_io import write_streamed
+
+        self.after_forward(scorer)
+        write_streamed(lm, path, is_main)
+        if is_main:
+            tokenizer.save_pretrained(path)
 
     def write_model(self, lm, tokenizer, path: Path, state, *, merge_lora: bool) -> None:
         """`final/` or `best/` into the (temporary) directory `path` on the main process, from `gathered_state`."""
@@ -158,14 +179,24 @@ class FSDP2(Engine):
     def streams_final(self, lm, merge_lora: bool) -> bool:
         return not hasattr(lm, "peft_config")  # LoRA: the adapter (small) or its merge, from the gathered state
 
-    def write_streamed(self, scorer, lm, tokenizer, path: Path | None, is_main: bool) -> None:
-        """`final/` or `best/`: every rank gathers one tensor at a time, the main process appends it to `path`."""
-        from inspo_core.shard_io import write_streamed
+    def cannot_load_into_shards(self, cfg, source: str) -> str:
+        from inspo_core.shard_io import checkpoint_files, empty_model, streamable
 
-        self.after_forward(scorer)
-        write_streamed(lm, path, is_main)
-        if is_main:
-            tokenizer.save_pretrained(path)
+        if not checkpoint_files(source):
+            return f"{source} is not a directory of safetensors files"
+        return streamable(source, empty_model(source, trust_remote_code=cfg.trust_remote_code))
+
+    def sharded_policy(self, cfg, source: str):
+        from inspo_core.shard_io import empty_model
+
+        return empty_model(source, trust_remote_code=cfg.trust_remote_code)  # the meta device, filled once sharded
+
+    def fill_shards(self, acc, scorer, source: str, say) -> None:
+        from inspo_core.shard_io import fill_shards, materialize
+
+        materialize(scorer, acc.device)
+        read = fill_shards(scorer.lm, source)
+        say(f"engine {self.name}: weights loaded into the shards ({read / 2**20:.0f} MB read by this rank)")
 
     def gathered_state(self, acc, scorer):
         from inspo_core.sharding import full_state_dict
@@ -200,6 +231,9 @@ class Zero3(Engine):
     name = "zero3"
     summary = "DeepSpeed ZeRO-3 through accelerate (pip install deepspeed)"
     checkpoint_holds_model = False  # DeepSpeed's partitions
+    # transformers partitions the weights as it builds the model (deepspeed.zero.Init under the DeepSpeed config
+    # accelerate registers) and copies the checkpoint into one gathered module at a time, from rank 0's read
+    loads_into_shards = True
 
     def _accelerator_kwargs(self, cfg, on_cpu: bool, say) -> dict:
         from accelerate.utils import DeepSpeedPlugin
@@ -208,15 +242,34 @@ class Zero3(Engine):
 
         before_deepspeed(on_cpu, say)
         # gradient_clipping 0 (not None: None would take the launcher's) is DeepSpeed's "off"; zero3_init_flag off:
-        # the reference pass runs on whole weights before the policy is partitioned
+        # accelerate's own zero.Init around the whole script is not needed (transformers partitions at load)
         return {"deepspeed_plugin": DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=cfg.grad_accum,
                                                     gradient_clipping=float(cfg.max_grad_norm), zero3_init_flag=False,
                                                     zero3_save_16bit_model=True)}
 
+    def cannot_load_into_shards(self, cfg, source: str) -> str:
+        return ""  # transformers' own ZeRO-3 load: hub names and converted checkpoints included
+
+    def sharded_policy(self, cfg, source: str):
+        from inspo_core.models import load_model
+
+        return load_model(source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+
+    def fill_shards(self, acc, scorer, source: str, say) -> None:
+        params = list(scorer.parameters())
+        if not all(hasattr(p, "ds_id") for p in params):  # transformers did not see the DeepSpeed config
+            raise RuntimeError("engine zero3: the model was loaded whole, not partitioned (transformers' ZeRO-3 load "
+                               "needs accelerate's DeepSpeed config registered before the model is built)")
+        mine = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
+        say(f"engine {self.name}: weights partitioned as the model was built ({mine / 2**20:.0f} MB on this rank)")
+
+    def streams_final(self, lm, merge_lora: bool) -> bool:
+        return not hasattr(lm, "peft_config")  # LoRA: the adapter (small) or its merge, from the gathered state
+
     @contextlib.contextmanager
     def load_context(self, acc):
-        """Models load with whole weights: accelerate registers its DeepSpeed config with transformers, which
-        then partitions weights at load time whatever zero3_init_flag says."""
+        """Models load with whole weights (LoRA, a separate ref_model): accelerate registers its DeepSpeed config
+        with transformers, which then partitions weights at load time whatever zero3_init_flag says."""
         from transformers.integrations import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()

@@ -29,7 +29,6 @@ from inspo_core.refcache import RefCache, RefStats, compute_ref_logps
 from inspo_core.rundir import RESUME_FREE_KEYS, RunDir
 from inspo_core.strategies import L_PLAIN, W_PLAIN, Method, View, resolve_method
 from inspo_core.logps import TokenLogps
-from inspo_core.shard_io import checkpoint_files, empty_model, fill_shards, materialize, streamable
 from inspo_core.tree_attention import use_tree_attention
 
 PLAIN_VIEWS = (W_PLAIN, L_PLAIN)
@@ -56,6 +55,9 @@ class TrainPlan:
     global_batch: int  # pairs per optimizer step, all processes and micro-batches
     resume_from: Path | None
     config_record: dict  # what config.yaml and every checkpoint record
+    # the reference log-probs are scored by the engine-wrapped sharded policy, before a resume's state is read
+    # into it (`score_pending_reference`); until then ref_train and ref_val are empty
+    reference_pending: bool = False
 
 
 def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = "",
@@ -100,15 +102,15 @@ def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = ""
     # a sharded checkpoint (FSDP2, ZeRO-3) holds shards, not a model: start from the source; the engine reads
     # the shards into the sharded model
     from_ckpt = resume_from if engine.checkpoint_holds_model else None
-    why = _whole_load_reason(cfg, method, source) if engine.loads_into_shards else None
+    why = _whole_load_reason(cfg, method, source, engine) if engine.loads_into_shards else None
     if why:
         say(f"engine {engine.name}: every rank loads the whole weights ({why})")
     into_shards = why == ""
-    if not into_shards:
+    if into_shards:  # parameters exist only as this rank's shards (the meta device until they are filled)
+        policy = engine.sharded_policy(cfg, source)
+    else:
         with engine.load_context(acc):
             policy = _load_policy(cfg, source, from_ckpt)
-    else:  # built on the meta device; parameters exist only as this rank's shards
-        policy = empty_model(source, trust_remote_code=cfg.trust_remote_code)
     if cfg.packing == "tree":  # attention per tree segment instead of a dense mask over packed rows
         use_tree_attention(policy)
     if cfg.gradient_checkpointing:
@@ -118,29 +120,24 @@ def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = ""
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
-    if not into_shards:  # the reference pass on whole weights, then the engine's wrapping
+    if into_shards:  # the reference is scored by the wrapped, sharded policy (`score_pending_reference`)
+        scorer = engine.shard(acc, scorer)
+        engine.fill_shards(acc, scorer, source, say)
+        mark("load")
+        ref_train, ref_val, ref_stats = {}, {}, RefStats()
+    else:  # the reference pass on whole weights, then the engine's wrapping
         policy.to(acc.device)
         mark("load")
-        refs = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc, engine, say,
-                          fresh=resume_from is None)
+        ref_train, ref_val, ref_stats = _reference(cfg, method, source, policy, train_pairs, val_pairs, pad_id, acc,
+                                                   engine, say, fresh=resume_from is None)
         mark("reference")
         scorer = engine.shard(acc, scorer)
-    else:  # shard, fill each rank's shards from the files, and score the reference with the sharded policy
-        scorer = engine.shard(acc, scorer)
-        materialize(scorer, acc.device)
-        read = fill_shards(policy, source)
-        say(f"engine {engine.name}: weights loaded into the shards ({read / 2**20:.0f} MB read by this rank)")
-        mark("load")
-        refs = _reference(cfg, method, source, scorer, train_pairs, val_pairs, pad_id, acc, engine, say,
-                          fresh=True, lockstep=True)
-        engine.after_forward(scorer)  # the optimizer is built next, over the sharded parameters
-        mark("reference")
-    ref_train, ref_val, ref_stats = refs
     record = dataclasses.asdict(cfg) | {"resolved_model": source,
                                         # how it was launched: not part of the config hash (one process = two)
                                         "_launch": {"launcher": launcher, "processes": world}}
     plan = TrainPlan(cfg, method, engine, eval_views, run, source, tokenizer, pad_id, train_pairs, val_pairs, ref_train,
-                     ref_val, ref_stats, per_epoch, total, global_batch, resume_from, record)
+                     ref_val, ref_stats, per_epoch, total, global_batch, resume_from, record,
+                     reference_pending=into_shards and method.objective.needs_reference)
     return plan, scorer
 
 
@@ -251,15 +248,13 @@ def _length_filter(cfg: TrainConfig, rows: list[dict], tokenizer, say) -> list[d
     return kept
 
 
-def _whole_load_reason(cfg: TrainConfig, method: Method, source: str) -> str:
+def _whole_load_reason(cfg: TrainConfig, method: Method, source: str, engine: Engine) -> str:
     """Why an engine that loads into shards must load whole weights on every rank instead ('' when it need not)."""
     if cfg.lora:
         return "LoRA adapters are added to whole weights"
     if cfg.ref_model and method.objective.needs_reference:
         return "a separate ref_model is scored before sharding"
-    if not checkpoint_files(source):
-        return f"{source} is not a directory of safetensors files"
-    return streamable(source, empty_model(source, trust_remote_code=cfg.trust_remote_code))
+    return engine.cannot_load_into_shards(cfg, source)
 
 
 def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
@@ -283,12 +278,18 @@ def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
 
 # ---- the reference -------------------------------------------------------------------------------------
 
-def _reference_lockstep(cfg: TrainConfig, method: Method, source: str, scorer, splits, pad_id, acc, engine, say):
-    """`_reference` with a sharded scorer: the ranks agree on what the cache holds before any computes."""
+def score_pending_reference(plan: TrainPlan, scorer, acc, say) -> TrainPlan:
+    """The plan with its reference log-probs, scored by `scorer` (the engine-wrapped sharded policy, still holding
+    the source's weights) when the cache does not hold them. Every rank scores every pair in the same batches
+    (each forward gathers the shards): the pass takes what one process's would and no rank holds a whole model.
+    The ranks agree on what the cache holds before any computes; the main process writes it."""
+    if not plan.reference_pending:
+        return plan
+    cfg, views = plan.cfg, plan.method.ref_views
     cache = RefCache(cfg.cache_dir)
-    views = method.ref_views
     with acc.main_process_first():
-        ref_id = cache.model_id(source)
+        ref_id = cache.model_id(plan.model_source)
+    splits = (plan.train_pairs, plan.val_pairs)
     keys = [cache.key(ref_id, pairs, views, "bf16" if cfg.bf16 else "fp32") for pairs in splits]
     found = [cache.load(k, views) for k in keys]
     hits = torch.tensor([float(got is not None) for got, _ in found], device=acc.device)
@@ -298,8 +299,8 @@ def _reference_lockstep(cfg: TrainConfig, method: Method, source: str, scorer, s
         if n == acc.num_processes:
             results.append(got)
             continue
-        with engine.reference_autocast(acc, cfg.bf16):
-            got, f = compute_ref_logps(scorer, pairs, views, batch_size=cfg.batch_size, pad_id=pad_id,
+        with plan.engine.reference_autocast(acc, cfg.bf16):
+            got, f = compute_ref_logps(scorer, pairs, views, batch_size=cfg.batch_size, pad_id=plan.pad_id,
                                        chunk_mb=cfg.logps_chunk_mb, packing=cfg.packing,
                                        mask_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
         forwards += f
@@ -308,29 +309,26 @@ def _reference_lockstep(cfg: TrainConfig, method: Method, source: str, scorer, s
         if why:
             say(why)
         results.append(got)
+    plan.engine.after_forward(scorer)
     acc.wait_for_everyone()
     path = str(cache.dir / f"{keys[0]}.safetensors")
     stats = RefStats(forwards, forwards == 0, path)
     say(f"reference log-probs: {'cache hit' if stats.cache_hit else 'computed'} ({forwards} reference forwards, "
         f"the sharded policy on every rank) {path}")
-    return results[0], results[1], stats
+    return dataclasses.replace(plan, ref_train=results[0], ref_val=results[1], ref_stats=stats,
+                               reference_pending=False)
 
 
 def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pairs, val_pairs, pad_id, acc, engine,
-               say, fresh: bool = True, lockstep: bool = False):
+               say, fresh: bool = True):
     """Reference log-probs of train and validation pairs, from the cache when possible, computed before
     the policy is sharded or wrapped. The cache key is the reference's files (config + full weights;
     with LoRA the base model, adapters excluded), the scored token sequences and the dtype. The
     reference is the policy itself when it still holds the reference's weights (LoRA with adapters
-    disabled, or a fresh run from the same model): no second model per process.
-
-    `lockstep`: `policy` is the sharded scorer holding the source's weights; every rank scores every pair in
-    the same batches (each forward gathers the shards), so the pass takes what one process's would, no rank
-    holds a whole model, and the main process writes the cache."""
+    disabled, or a fresh run from the same model): no second model per process. (An engine that loads into
+    shards scores it later, with the sharded policy: `score_pending_reference`.)"""
     if not method.objective.needs_reference:
         return {}, {}, RefStats(cache_hit=True)
-    if lockstep:
-        return _reference_lockstep(cfg, method, source, policy, (train_pairs, val_pairs), pad_id, acc, engine, say)
     cache = RefCache(cfg.cache_dir)
     ref_source = source if cfg.lora else (resolve_model(cfg.ref_model, cfg.cache_dir) if cfg.ref_model else source)
     views = method.ref_views

@@ -1,4 +1,4 @@
-"""A sharded model in and out of safetensors without a whole copy in any process (FSDP2).
+"""A sharded model in and out of safetensors without a whole copy in any process (FSDP2; ZeRO-3 saves).
 
 - `empty_model(source)`: the model's modules with every parameter on the meta device (buffers are real:
   rotary tables are computed from the config, not read from the checkpoint).
@@ -7,8 +7,9 @@
 - `materialize(module, device)`: after `fully_shard`, the (sharded) parameters get storage; buffers keep values.
 - `fill_shards(lm, source)`: each rank reads from the files only the slice of every tensor its shard holds
   (`safe_open(...).get_slice`), so no rank ever holds a whole tensor of the checkpoint, let alone the model.
-- `write_streamed(lm, path, is_main)`: `model.safetensors` written tensor by tensor. Every rank takes part in
-  each tensor's all-gather and the main process appends its bytes to the file; safetensors' own writer
+- `write_streamed(lm, path, is_main)`: `model.safetensors` written tensor by tensor (FSDP2 DTensors and
+  DeepSpeed ZeRO-3 parameters alike). Every rank takes part in each tensor's gather and the main process
+  appends its bytes to the file; safetensors' own writer
   (`save_file`) takes the whole state dict at once, which is the copy this module exists to avoid. The
   file is the format's documented layout (an 8-byte little-endian header length, a JSON header of dtype,
   shape and byte offsets, the bytes), read back by `safe_open` and `from_pretrained` in the tests.
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -133,10 +135,23 @@ def fill_shards(lm: nn.Module, source: str | Path) -> int:
     return read
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The whole tensor's shape (a DeepSpeed ZeRO-3 parameter is an empty placeholder holding it in ds_shape)."""
+    return tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)
+
+
+@torch.no_grad()
+def _whole(t: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """The whole of `t` (an FSDP2 DTensor all-gathered, a ZeRO-3 parameter gathered; every rank must call it);
+    None when not `keep` and the whole exists only inside the gather."""
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if hasattr(t, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return t.data.detach().clone() if keep else None
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
 def write_streamed(lm: nn.Module, path: Path, is_main: bool) -> None:
@@ -147,8 +162,9 @@ def write_streamed(lm: nn.Module, path: Path, is_main: bool) -> None:
     for name, t in tensors.items():
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        shape = _shape(t)
+        size = math.prod(shape) * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -158,7 +174,7 @@ def write_streamed(lm: nn.Module, path: Path, is_main: bool) -> None:
         if out is not None:
             out.write(struct.pack("<Q", len(blob)) + blob)
         for name, t in tensors.items():
-            whole = _whole(t.detach())  # a collective on sharded tensors: every rank, same order
+            whole = _whole(t, keep=out is not None)  # a collective on sharded tensors: every rank, same order
             if out is not None:
                 out.write(whole.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
             del whole

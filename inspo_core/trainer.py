@@ -30,7 +30,7 @@ from inspo_core.checkpoint import (
 )
 from inspo_core.config import TrainConfig
 from inspo_core.distributed import Processes
-from inspo_core.plan import TrainPlan, prepare
+from inspo_core.plan import TrainPlan, prepare, score_pending_reference
 from inspo_core.refcache import RefStats
 from inspo_core.scoring import score_views
 from inspo_core.engines import get_engine
@@ -237,6 +237,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan.total_steps, cfg.warmup_ratio,
                                                                            cfg.min_lr_ratio))
         scorer, optimizer = engine.prepare(acc, scorer, optimizer, plan)
+        if plan.reference_pending:  # scored by the wrapped, sharded policy before a resume's state is read into it
+            self.plan = plan = score_pending_reference(plan, scorer, acc, self.say)
+            self._mark("reference")
         start, best = 0, None
         if plan.resume_from is not None:
             state = load_trainer_state(acc, engine, plan.resume_from, optimizer, scheduler, scorer)

@@ -283,9 +283,15 @@ deepspeed = pytest.importorskip("deepspeed", reason="ZeRO-3 tests need `pip inst
 
 def test_zero3_two_processes_train_like_one(runs, tmp_path):
     """DeepSpeed ZeRO-3 over 2 CPU processes (its CPU accelerator): the single process's losses, gradient
-    norms (DeepSpeed clips inside its step) and validation loss; final/ is one plain checkpoint."""
+    norms (DeepSpeed clips inside its step) and validation loss; final/ is one plain checkpoint, written one
+    gathered parameter at a time. The model is partitioned as it is built, and with an empty reference cache the
+    partitioned policy scores the reference (the losses equal the run whose reference came from whole weights)."""
     root, cache, kw, _ = runs
-    train(tmp_path / "z", cache, *kw, "--batch_size", "2", "--sharding", "zero3", procs=2)
+    fresh = tmp_path / "cache"
+    shutil.copytree(cache, fresh, ignore=shutil.ignore_patterns("refcache"))
+    res = train(tmp_path / "z", fresh, *kw, "--batch_size", "2", "--sharding", "zero3", procs=2)
+    assert "weights partitioned as the model was built" in res.stdout and "whole weights" not in res.stdout
+    assert "computed" in res.stdout and "the sharded policy on every rank" in res.stdout
     assert_close(torch.tensor(rows(tmp_path / "z", "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5,
                  rtol=0)
     assert_close(torch.tensor(rows(tmp_path / "z", "grad_norm")), torch.tensor(rows(root / "one", "grad_norm")),
@@ -294,6 +300,7 @@ def test_zero3_two_processes_train_like_one(runs, tmp_path):
                  atol=1e-5, rtol=0)
     a, b = load_file(str(root / "one" / "final" / "model.safetensors")), load_file(str(tmp_path / "z" / "final" /
                                                                                      "model.safetensors"))
+    assert sorted(a) == sorted(b)
     for k in a:
         assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
