@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,34 +24,52 @@ TOY = str(ROOT / "examples" / "toy_preferences.jsonl")
 
 
 def train(out: Path, cache: Path, *args: str, procs: int = 1, timeout: float = 600,
-          entry: tuple[str, ...] = ("-m", "workbench")) -> subprocess.CompletedProcess:
+          entry: tuple[str, ...] = ("-m", "workbench"), nodes: int = 1) -> subprocess.CompletedProcess:
     """One run; a run that outlives `timeout` (a hang in a collective) fails, and the launcher and every worker
     (torchrun starts each in a session of its own) are killed, so no orphan keeps a core busy. `entry`: what
-    python runs (a module or a script taking the workbench's command line)."""
+    python runs (a module or a script taking the workbench's command line). `nodes` > 1: that many torchrun
+    launchers on this machine, each a node of `procs` processes (`--nnodes`, `--node_rank`, one master address),
+    as a multi-node job is started by hand; the result is node 0's."""
     import tempfile
 
     common = ["--model", "tiny", "--data", TOY, "--max_length", "96", "--val_size", "8", "--cache_dir", str(cache),
               "--tiny_hidden", "32", "--output_dir", str(out), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(free_port()), *entry, "train"] if procs > 1 else [sys.executable, *entry, "train"])
-    with tempfile.TemporaryFile("w+") as o, tempfile.TemporaryFile("w+") as e:  # files: an orphan cannot block a read
-        proc = subprocess.Popen(launch + common, cwd=ROOT, env=env, stdout=o, stderr=e, text=True,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for pid in [*_descendants(proc.pid), proc.pid]:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-        o.seek(0), e.seek(0)
-        res = subprocess.CompletedProcess(proc.args, proc.returncode, o.read(), e.read())
-    if res.returncode == -signal.SIGKILL:
-        pytest.fail(f"the run did not finish in {timeout:.0f} s (a hang?); its last output:\n{res.stdout[-1500:]}\n"
-                    f"{res.stderr[-1500:]}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    port = str(free_port())
+    if nodes > 1:
+        launches = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(r),
+                     "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1", "--master_port", port, *entry,
+                     "train"] for r in range(nodes)]
+    elif procs > 1:
+        launches = [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+                     port, *entry, "train"]]
+    else:
+        launches = [[sys.executable, *entry, "train"]]
+    results = []
+    with contextlib.ExitStack() as files:  # files: an orphan cannot block a read
+        streams = [(files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(tempfile.TemporaryFile("w+")))
+                   for _ in launches]
+        started = [subprocess.Popen(cmd + common, cwd=ROOT, env=env, stdout=o, stderr=e, text=True,
+                                    start_new_session=True) for cmd, (o, e) in zip(launches, streams)]
+        deadline = time.monotonic() + timeout
+        for proc in started:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for p in started:
+                    for pid in [*_descendants(p.pid), p.pid]:
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
+                    p.wait()
+        for proc, (o, e) in zip(started, streams):
+            o.seek(0), e.seek(0)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, o.read(), e.read()))
+    for res in results:
+        if res.returncode == -signal.SIGKILL:
+            pytest.fail(f"the run did not finish in {timeout:.0f} s (a hang?); its last output:\n{res.stdout[-1500:]}\n"
+                        f"{res.stderr[-1500:]}")
+        assert res.returncode == 0, res.stderr[-3000:]
+    return results[0]
 
 
 def _children(pid: int) -> list[int]:
@@ -303,6 +322,37 @@ def test_zero3_two_processes_train_like_one(runs, tmp_path):
     assert sorted(a) == sorted(b)
     for k in a:
         assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_two_nodes_train_like_one_process(runs, tmp_path, sharding):
+    """Two nodes started by hand (a torchrun launcher per node, `--nnodes 2 --node_rank r`, one process each):
+    the single process's losses and gradient norms, and one complete final/."""
+    root, cache, kw, _ = runs
+    res = train(tmp_path / "nodes", cache, *kw, "--batch_size", "2", "--sharding", sharding, nodes=2)
+    assert "2 process(es)" in res.stdout
+    assert_close(torch.tensor(rows(tmp_path / "nodes", "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5,
+                 rtol=0)
+    assert_close(torch.tensor(rows(tmp_path / "nodes", "grad_norm")), torch.tensor(rows(root / "one", "grad_norm")),
+                 atol=1e-5, rtol=1e-5)
+    a = load_file(str(root / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "nodes" / "final" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+
+
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_activation_checkpointing_with_tree_packing_under_each_engine(runs, tmp_path, sharding):
+    """Activation checkpointing (recompute in the backward) with tree packing, the default, under each sharded
+    engine: the losses and gradient norms of the single process without it. (Its memory saving is not asserted
+    here: at this size activations are a rounding error of the process's memory.)"""
+    root, cache, kw, _ = runs
+    train(tmp_path / "ac", cache, *kw, "--batch_size", "2", "--sharding", sharding, "--packing", "tree",
+          "--gradient_checkpointing", "true",
+          procs=2)
+    assert_close(torch.tensor(rows(tmp_path / "ac", "loss")), torch.tensor(rows(root / "one", "loss")), atol=1e-5,
+                 rtol=0)
+    assert_close(torch.tensor(rows(tmp_path / "ac", "grad_norm")), torch.tensor(rows(root / "one", "grad_norm")),
+                 atol=1e-5, rtol=1e-5)
 
 
 def test_zero3_kill_9_then_resume_matches(runs, tmp_path):
