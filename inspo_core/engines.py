@@ -153,7 +153,7 @@ class FSDP2(Engine):
         from inspo_core.sharding import init_process_group, shard
 
         init_process_group(acc.device.type)
-        return shard(scorer)
+        return shard(scorer, bf16=acc.mixed_precision == "bf16")  # FSDP2's policy: bf16 compute, fp32 reduce
 
     def prepare(self, acc, scorer, optimizer, plan):
         return scorer, acc.prepare(optimizer)

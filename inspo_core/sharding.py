@@ -80,13 +80,16 @@ def before_deepspeed(on_cpu: bool, say=print) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts that a launcher set it
 
 
-def shard(scorer: nn.Module) -> nn.Module:
-    """FSDP2 over `scorer` (a TokenLogps): per decoder layer, then the root. In place; returns it."""
-    from torch.distributed.fsdp import fully_shard
+def shard(scorer: nn.Module, bf16: bool = False) -> nn.Module:
+    """FSDP2 over `scorer` (a TokenLogps): per decoder layer, then the root. In place; returns it. `bf16`: FSDP2's
+    mixed precision, weights gathered and computed in bf16, gradients reduced in fp32 into the fp32 shards the
+    optimizer steps (the master weights)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
     for layer in decoder_layers(scorer.lm):
-        fully_shard(layer)
-    fully_shard(scorer)
+        fully_shard(layer, **kw)
+    fully_shard(scorer, **kw)
     return scorer
 
 
