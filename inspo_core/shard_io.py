@@ -123,15 +123,17 @@ def fill_shards(lm: nn.Module, source: str | Path) -> int:
     files = checkpoint_files(source)
     targets = unique_tensors(lm)
     read = 0
-    for file in sorted(set(files.values())):
+    for name, file in files.items():
+        local, index = _local(targets[name])
+        if local.numel() == 0:
+            continue
+        # the file is mapped for one tensor at a time: pages read stay in the process's resident set while it is
+        # mapped, and one mapping for the whole loop would add the rank's whole share of the file to its peak
         with safe_open(str(file), framework="pt") as f:
-            for name in [k for k, v in files.items() if v == file]:
-                local, index = _local(targets[name])
-                if local.numel() == 0:
-                    continue
-                piece = f.get_slice(name)[index if len(index) != 1 else index[0]] if index else f.get_tensor(name)
-                local.copy_(piece.reshape(local.shape))
-                read += piece.numel() * piece.element_size()
+            piece = f.get_slice(name)[index if len(index) != 1 else index[0]] if index else f.get_tensor(name)
+            local.copy_(piece.reshape(local.shape))
+        read += piece.numel() * piece.element_size()
+        del piece
     return read
 
 
