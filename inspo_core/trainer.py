@@ -77,6 +77,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (VmRSS; 0 where /proc is not there)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -108,6 +119,7 @@ class Trainer:
         self.acc = Processes(accelerator or self.engine.accelerator(self.cfg, on_cpu, _say_on_rank0))
         self.plan: TrainPlan | None = None
         self.memory: dict[str, float] = {}  # phase -> this process's peak memory by its end (MB)
+        self.memory_now: dict[str, float] = {}  # phase -> its resident memory at that moment (MB)
         self.session: Session | None = None
         for note in notes:
             self.say(note)
@@ -203,20 +215,24 @@ class Trainer:
         """This process's peak resident memory (and CUDA's peak allocation) at the end of `phase`; a high-water
         mark, so each phase's value includes the ones before it."""
         self.memory[phase] = peak_mem_mb(self.acc.device)
+        self.memory_now[phase] = resident_mb()
 
     def _write_memory(self) -> None:
         """memory.json: every rank's marks (one collective), written by the main process."""
         phases, world = list(self.memory), self.acc.num_processes
-        table = torch.zeros(world, len(phases), dtype=torch.float64, device=self.acc.device)
-        table[self.acc.process_index] = torch.tensor([self.memory[p] for p in phases], dtype=torch.float64)
+        table = torch.zeros(2, world, len(phases), dtype=torch.float64, device=self.acc.device)
+        table[0, self.acc.process_index] = torch.tensor([self.memory[p] for p in phases], dtype=torch.float64)
+        table[1, self.acc.process_index] = torch.tensor([self.memory_now[p] for p in phases], dtype=torch.float64)
         table = self.acc.reduce(table, "sum").cpu()
         if self.acc.is_main_process:
-            per_rank = [dict(zip(phases, map(float, row))) for row in table.tolist()]
+            per_rank = [dict(zip(phases, map(float, row))) for row in table[0].tolist()]
+            held = [dict(zip(phases, map(float, row))) for row in table[1].tolist()]
             peak = max(r[phases[-1]] for r in per_rank)
             first = next(p for p in phases if max(r[p] for r in per_rank) >= peak - 1)
             doc = {"unit": "MB", "measure": ("CUDA max_memory_allocated" if self.acc.device.type == "cuda" else
                                               "peak resident set (VmHWM)") + " of each rank at the end of each phase",
                    "engine": self.engine.name, "processes": world, "phases": phases, "ranks": per_rank,
+                   "resident_mb": held,  # resident set (VmRSS) at the end of each phase: what the phase left held
                    "peak_mb": peak, "peak_phase": first}
             atomic_write_text(self.plan.run.memory_json, json.dumps(doc, indent=1))
             self.say(f"peak memory per rank: {', '.join(f'{r[phases[-1]]:.0f}' for r in per_rank)} MB "

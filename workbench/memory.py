@@ -101,21 +101,24 @@ def measure(cfg: MemoryConfig, model: Path, engine: str, procs: int) -> dict:
     phases = doc["phases"]
     return {"engine": engine, "processes": procs, "peak_mb": doc["peak_mb"], "peak_phase": doc["peak_phase"],
             "per_phase_mb": {p: max(r[p] for r in doc["ranks"]) for p in phases},
-            "per_rank_mb": [r[phases[-1]] for r in doc["ranks"]], "measure": doc["measure"]}
+            "per_rank_mb": [r[phases[-1]] for r in doc["ranks"]], "measure": doc["measure"],
+            "held_before_training_mb": max(r["setup"] for r in doc.get("resident_mb", [{"setup": float("nan")}]))}
 
 
 def format_table(rows: list[dict], params: int) -> str:
     base = next(r["peak_mb"] for r in rows if r["engine"] == "none")
     head = ["engine", "processes", "peak per process (MB)", "x one process", "reached in", "load", "reference",
-            "train", "save"]
+            "train", "save", "held before training"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ph = r["per_phase_mb"]
         lines.append(f"| {r['engine']} | {r['processes']} | {r['peak_mb']:.0f} | {r['peak_mb'] / base:.2f} | "
                      f"{r['peak_phase']} | " + " | ".join(f"{ph.get(p, float('nan')):.0f}"
-                                                           for p in ("load", "reference", "train", "save")) + " |")
+                                                           for p in ("load", "reference", "train", "save"))
+                     + f" | {r['held_before_training_mb']:.0f} |")
     return (f"Peak memory per process (the highest rank), {params / 1e6:.1f}M parameters, fp32 weights and Adam; "
-            "phase columns: the peak by the end of that phase (a high-water mark).\n\n" + "\n".join(lines) + "\n")
+            "phase columns: the peak by the end of that phase (a high-water mark); held before training: the resident set "
+            "once the model is loaded, the reference scored and the optimizer built.\n\n" + "\n".join(lines) + "\n")
 
 
 def run_memory(cfg: MemoryConfig) -> list[dict]:
