@@ -87,16 +87,23 @@ def _launch(cfg: MemoryConfig, model: Path, engine: str, procs: int, out: Path) 
 
 def measure(cfg: MemoryConfig, model: Path, engine: str, procs: int) -> dict:
     out = Path(cfg.output_dir) / f"{engine}-{procs}"
-    record = out / "memory.json"
-    if not (cfg.resume and record.is_file()):
+    record, failed = out / "memory.json", out / "failed.json"
+    if not (cfg.resume and (record.is_file() or failed.is_file())):
         out.mkdir(parents=True, exist_ok=True)
+        failed.unlink(missing_ok=True)
         log = out / "log.txt"
         print(f"memory: {engine} x {procs} process(es) ... (log {log})", flush=True)
         with open(log, "w") as f:
             res = subprocess.run(_launch(cfg, model, engine, procs, out), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=cfg.timeout_s)
-        if res.returncode != 0:
-            raise RuntimeError(f"{engine} x {procs}: the run failed (exit {res.returncode}); see {log}")
+        if res.returncode != 0:  # a row that says so (a worker killed for memory is an answer too); the rest go on
+            tail = log.read_text(errors="replace")[-4000:]
+            why = "a worker was killed (SIGKILL: out of memory?)" if "SIGKILL" in tail else "the run failed"
+            failed.write_text(json.dumps({"returncode": res.returncode, "why": why, "log": str(log)}))
+            print(f"memory: {engine} x {procs}: {why} (exit {res.returncode}); see {log}", flush=True)
+    if not record.is_file():
+        doc = json.loads(failed.read_text())
+        return {"engine": engine, "processes": procs, "failed": doc["why"]}
     doc = json.loads(record.read_text())
     phases = doc["phases"]
     return {"engine": engine, "processes": procs, "peak_mb": doc["peak_mb"], "peak_phase": doc["peak_phase"],
@@ -106,11 +113,14 @@ def measure(cfg: MemoryConfig, model: Path, engine: str, procs: int) -> dict:
 
 
 def format_table(rows: list[dict], params: int) -> str:
-    base = next(r["peak_mb"] for r in rows if r["engine"] == "none")
+    base = next(r["peak_mb"] for r in rows if r["engine"] == "none" and "failed" not in r)
     head = ["engine", "processes", "peak per process (MB)", "x one process", "reached in", "load", "reference",
             "train", "save", "held before training"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['engine']} | {r['processes']} | {r['failed']} |" + " |" * (len(head) - 3))
+            continue
         ph = r["per_phase_mb"]
         lines.append(f"| {r['engine']} | {r['processes']} | {r['peak_mb']:.0f} | {r['peak_mb'] / base:.2f} | "
                      f"{r['peak_phase']} | " + " | ".join(f"{ph.get(p, float('nan')):.0f}"
