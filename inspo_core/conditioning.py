@@ -26,14 +26,9 @@ from typing import Any, Iterable
 
 import torch
 
+from inspo_core.names import CONTEXT_FORMATS, PROMPT_FORMATS  # noqa: F401  (re-exported)
 from inspo_core.strategies import View
 
-CONTEXT_FORMATS = ("sep", "raw", "template")
-# how a prompt given as a plain string is rendered: `chat` as one user turn with the tokenizer's chat
-# template and its generation prompt (what an instruct model expects), `plain` as the text itself
-# (with the tokenizer's BOS), `auto` chat when the tokenizer has a template, else plain. Training and
-# generation use the same rule, so the deployed model sees prompts as it was trained on them.
-PROMPT_FORMATS = ("auto", "chat", "plain")
 DEFAULT_TEMPLATE = "\n[Another response to this request, for reflection]\n{alternative}\n[Your response]\n"
 RESPONSES = ("chosen", "rejected")
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from inspo_core.conditioning import CONTEXT_FORMATS, PROMPT_FORMATS
-from inspo_core.objectives import HPARAM_NAMES, OBJECTIVES, check_length_normalize, resolve_hparams
-from inspo_core.scoring import PACKINGS
-from inspo_core.engines import ENGINES
-from inspo_core.strategies import REF_CONDITIONING, STRATEGIES
+# names and rules only (torch-free): `--help` and a config's errors come without loading torch
+from inspo_core.names import (
+    CONTEXT_FORMATS, ENGINE_SUMMARIES as ENGINES, HPARAM_NAMES, OBJECTIVE_SPECS as OBJECTIVES, PACKINGS,
+    PROMPT_FORMATS, REF_CONDITIONING, STRATEGY_SPECS as STRATEGIES, check_length_normalize, resolve_hparams,
+)
 
 
 def opt(default, help: str, **kw):
@@ -94,7 +94,7 @@ class TrainConfig:
     sharding: str = opt("auto", "the training engine; auto: the one the launcher's accelerate config names "
                                "(distributed_type DEEPSPEED with zero_stage 3: zero3; FSDP with fsdp_version 2: "
                                "fsdp2), else none. "
-                               + "; ".join(f"{n}: {e.summary}" for n, e in ENGINES.items())
+                               + "; ".join(f"{n}: {summary}" for n, summary in ENGINES.items())
                                + ". Naming another engine than the launcher's config is an error (its processes were "
                                "started for that engine): drop the flag, or launch with the matching "
                                "configs/accelerate/*.yaml", choices=["auto", *ENGINES])

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from inspo_core.names import ENGINE_SUMMARIES
+
 
 class Engine:
     """`none`: the whole model in every process; accelerate wraps it (DDP across processes)."""
 
     name = "none"
-    summary = "every process holds the whole model (DDP when launched on several)"
+    summary = ENGINE_SUMMARIES["none"]
     # a checkpoint's weights are a plain HF model: a resume builds the policy from the checkpoint directory
     checkpoint_holds_model = True
     # the model is built on the meta device, sharded, and each rank reads its shards from the files
@@ -141,7 +143,7 @@ class FSDP2(Engine):
     training on CPU, and the same code then runs on CPU and GPU."""
 
     name = "fsdp2"
-    summary = "parameters, gradients and optimizer state sharded per decoder layer (torch FSDP2, CPU or GPU)"
+    summary = ENGINE_SUMMARIES["fsdp2"]
     checkpoint_holds_model = False  # DCP shards: the policy is built from the source, the shards read into it
     loads_into_shards = True
 
@@ -229,7 +231,7 @@ class Zero3(Engine):
     DeepSpeed's world holds them all (FACTS): batch sizes are set from the real world size."""
 
     name = "zero3"
-    summary = "DeepSpeed ZeRO-3 through accelerate (pip install deepspeed)"
+    summary = ENGINE_SUMMARIES["zero3"]
     checkpoint_holds_model = False  # DeepSpeed's partitions
     # transformers partitions the weights as it builds the model (deepspeed.zero.Init under the DeepSpeed config
     # accelerate registers) and copies the checkpoint into one gathered module at a time, from rank 0's read
@@ -311,6 +313,7 @@ class Zero3(Engine):
 
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (Engine(), FSDP2(), Zero3())}
+assert list(ENGINES) == list(ENGINE_SUMMARIES), "inspo_core.names.ENGINE_SUMMARIES names every engine, in order"
 
 
 def get_engine(name: str) -> Engine:

@@ -12,11 +12,16 @@ strategies in `inspo_core.strategies` do that selection.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from inspo_core.names import (  # noqa: F401  (re-exported: the rules live with the names)
+    HPARAM_NAMES, OBJECTIVE_SPECS, ObjectiveSpec, check_length_normalize, resolve_hparams,
+)
 
 Tensor = torch.Tensor
 
@@ -31,24 +36,10 @@ class LossOutput:
 
 
 @dataclass(frozen=True)
-class Objective:
-    name: str
-    fn: Callable[..., LossOutput]
-    needs_reference: bool
-    hparams: dict[str, float]  # name -> default
-    summary: str
-    citation: str
-    needs_lengths: bool = False  # uses the target token counts (|y|)
-    # normalises by |y| itself (a per-token term or margin): `length_normalize` is refused for it,
-    # since dividing again would normalise twice
-    normalizes_itself: bool = False
-    # reads a batch-level reference point (KTO's z_ref): the per-example losses of a batch are
-    # coupled through one detached scalar, and `kl_logratios` may be passed in
-    batch_reference_point: bool = False
+class Objective(ObjectiveSpec):
+    """An `inspo_core.names.ObjectiveSpec` (name, hyperparameters, rules) with its loss function."""
 
-    @property
-    def accepts_length_normalize(self) -> bool:
-        return not self.normalizes_itself
+    fn: Callable[..., LossOutput] | None = None
 
 
 def _ratio_margin(c, r, rc, rr):
@@ -173,72 +164,20 @@ def _kto(c, r, rc, rr, lc, lr, *, beta, lambda_d, lambda_u, kl_logratios=None):
     return LossOutput(0.5 * (desirable + undesirable), (beta * rw).detach(), (beta * rl).detach())
 
 
-OBJECTIVES: dict[str, Objective] = {
-    o.name: o
-    for o in [
-        Objective("dpo", _dpo, True, {"beta": 0.1, "label_smoothing": 0.0},
-                  "DPO; label_smoothing > 0 gives conservative DPO", "Rafailov et al. 2023; Table 1"),
-        Objective("ipo", _ipo, True, {"beta": 0.1, "tau": 0.1},
-                  "IPO: squared distance of the log-ratio margin to 1/(2 tau)", "Azar et al. 2024; Table 1"),
-        Objective("rdpo", _rdpo, True, {"beta": 0.1, "alpha": 0.1},
-                  "R-DPO: DPO with a length term alpha (|y_w| - |y_l|)", "Park et al. 2024; Table 1",
-                  needs_lengths=True),
-        Objective("orpo", _orpo, False, {"beta": 0.1, "lam": 0.1},
-                  "ORPO: NLL plus lam times the odds-ratio loss (reference-free)", "Hong et al. 2024; Table 1",
-                  needs_lengths=True, normalizes_itself=True),
-        Objective("simpo", _simpo, False, {"beta": 2.0, "gamma": 1.0},
-                  "SimPO: length-normalised margin with target margin gamma (reference-free)",
-                  "Meng et al. 2024; Table 1", needs_lengths=True, normalizes_itself=True),
-        Objective("cpo", _cpo, False, {"beta": 0.1, "lam": 0.1},
-                  "CPO: reference-free DPO margin plus lam times NLL", "Xu et al. 2024a",
-                  needs_lengths=True, normalizes_itself=True),
-        Objective("slic", _slic, False, {"beta": 0.1, "gamma": 1.0, "lam": 0.1},
-                  "SLiC-HF: calibration hinge with margin gamma plus lam times NLL", "Zhao et al. 2023",
-                  needs_lengths=True, normalizes_itself=True),
-        Objective("rrhf", _rrhf, False, {"beta": 0.1, "lam": 1.0},
-                  "RRHF: ranking hinge on mean log-probs plus lam times NLL", "Yuan et al. 2023",
-                  needs_lengths=True, normalizes_itself=True),
-        Objective("hinge", _hinge, True, {"beta": 0.1},
-                  "hinge on the DPO margin, max(0, 1 - beta * margin)", "Liu et al. 2024 (RSO)"),
-        Objective("robust", _robust, True, {"beta": 0.1, "label_smoothing": 0.1},
-                  "robust DPO, unbiased under label noise rate label_smoothing", "Chowdhury et al. 2024"),
-        Objective("kto", _kto, True, {"beta": 0.1, "lambda_d": 1.0, "lambda_u": 1.0},
-                  "KTO: each pair as one desirable and one undesirable example against a batch reference "
-                  "point z_ref, weights lambda_d / lambda_u", "Ethayarajh et al. 2024", batch_reference_point=True),
-    ]
+_LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "dpo": _dpo, "ipo": _ipo, "rdpo": _rdpo, "orpo": _orpo, "simpo": _simpo, "cpo": _cpo, "slic": _slic,
+    "rrhf": _rrhf, "hinge": _hinge, "robust": _robust, "kto": _kto,
 }
-
-HPARAM_NAMES: tuple[str, ...] = tuple(sorted({k for o in OBJECTIVES.values() for k in o.hparams}))
+OBJECTIVES: dict[str, Objective] = {
+    name: Objective(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}, fn=_LOSSES[name])
+    for name, spec in OBJECTIVE_SPECS.items()
+}
 
 
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
-
-
-def resolve_hparams(name: str, hparams: dict[str, float]) -> dict[str, float]:
-    """Defaults of objective `name` overridden by `hparams`; unknown names raise ValueError.
-
-    Hyperparameters that exist for some other objective but not this one are ignored, so a
-    config can carry `beta`, `gamma`, ... for a sweep across objectives.
-    """
-    obj = get_objective(name)
-    unknown = sorted(set(hparams) - set(HPARAM_NAMES))
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {unknown} for objective {name!r}; valid names: "
-            f"{', '.join(HPARAM_NAMES)} ({name} uses {', '.join(obj.hparams)})"
-        )
-    out = dict(obj.hparams)
-    out.update({k: float(v) for k, v in hparams.items() if k in obj.hparams})
-    problems = [f"{k}={v} must be > 0" for k, v in out.items() if k in ("beta", "tau") and v <= 0]
-    problems += [f"{k}={v} must be >= 0" for k, v in out.items() if k in ("lambda_d", "lambda_u") and v < 0]
-    if "label_smoothing" in out and not 0 <= out["label_smoothing"] < 0.5:
-        problems.append(f"label_smoothing={out['label_smoothing']} must be in [0, 0.5)")
-    if problems:
-        raise ValueError(f"objective {name!r}: " + "; ".join(problems))
-    return out
 
 
 def preference_loss(
@@ -303,13 +242,3 @@ def apply_objective(obj: Objective, hp: dict[str, float], c: Tensor, r: Tensor, 
     if obj.batch_reference_point and kl_logratios is not None:
         return obj.fn(c, r, rc, rr, lc, lr, kl_logratios=kl_logratios, **hp)
     return obj.fn(c, r, rc, rr, lc, lr, **hp)
-
-
-def check_length_normalize(name: str, length_normalize: bool) -> None:
-    obj = get_objective(name)
-    if length_normalize and not obj.accepts_length_normalize:
-        ok = ", ".join(n for n, o in OBJECTIVES.items() if o.accepts_length_normalize)
-        raise ValueError(
-            f"length_normalize=true with objective {name!r}: {name} already divides by |y| in its own "
-            f"formula, so the flag would normalise twice; drop it (it applies to: {ok})"
-        )

@@ -21,12 +21,12 @@ import torch
 
 from inspo_core.conditioning import BuiltPair, ViewBatch, collate_views
 from inspo_core.logps import as_scorer
+from inspo_core.names import PACKINGS  # noqa: F401  (re-exported)
 from inspo_core.packing import PackedBatch, pack_pairs
 from inspo_core.strategies import View
 from inspo_core.tree_attention import TreeLayout, uses_tree_attention
 
 Tensor = torch.Tensor
-PACKINGS = ("padded", "tree")
 
 
 @dataclass

@@ -13,10 +13,12 @@ entropy, a constant; the draft is scored for the logs only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from inspo_core.names import REF_CONDITIONING, STRATEGY_SPECS, StrategySpec  # noqa: F401  (REF_CONDITIONING re-exported)
 from inspo_core.objectives import (
     LossOutput, Objective, apply_objective, check_length_normalize, get_objective, resolve_hparams,
 )
@@ -54,11 +56,8 @@ L_GIVEN_L = View("rejected", "rejected")  # log pi(y_l | x, y_l), Table 4's lite
 
 
 @dataclass(frozen=True)
-class Strategy:
-    name: str
-    summary: str
-    uses_weight: bool = False
-    imitate: bool = False  # each term is -log pi(chosen view): no preference, no reference, no objective
+class Strategy(StrategySpec):
+    """An `inspo_core.names.StrategySpec` with the views its loss terms compare."""
 
     def terms(self, w: float = 0.5) -> list[tuple[float, View, View]]:
         """[(weight, chosen view, rejected view)] whose weighted losses are summed."""
@@ -75,19 +74,10 @@ _TERMS = {
 }
 
 STRATEGIES: dict[str, Strategy] = {
-    s.name: s
-    for s in [
-        Strategy("none", "plain DPO-family training: log pi(y_w|x), log pi(y_l|x)"),
-        Strategy("symmetric", "InSPO (eq. 10/16): log pi(y_w|x,y_l) and log pi(y_l|x,y_w)"),
-        Strategy("one_sided", "only the chosen is conditioned: log pi(y_w|x,y_l), log pi(y_l|x)"),
-        Strategy("one_sided_paper", "Table 4 as printed: log pi(y_w|x,y_l), log pi(y_l|x,y_l)"),
-        Strategy("averaged", "(1-w) * none + w * symmetric (Table 4 'Averaged', w=0.5)", uses_weight=True),
-        Strategy("distill", "context distillation: -log pi(y|x) of the chosen, a conditioned teacher's sample "
-                 "(data from workbench.distill; the objective is not used)", imitate=True),
-    ]
+    name: Strategy(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+    for name, spec in STRATEGY_SPECS.items()
 }
-
-REF_CONDITIONING = ("plain", "conditioned")
+assert set(STRATEGIES) == set(_TERMS), "every strategy needs its terms"
 
 
 def get_strategy(name: str) -> Strategy:

@@ -120,6 +120,45 @@ def test_every_command_has_help(capsys):
         assert e.value.code == 0 and "--config" in capsys.readouterr().out, name
 
 
+# commands whose config lives beside code that needs torch (the evaluation pipeline, the benchmark, the server)
+HELP_LOADS_TORCH = {"eval", "protocol", "bench", "serve"}
+
+
+def test_help_of_the_training_commands_loads_no_torch():
+    """`<command> --help` builds its parser from the config alone: the registries' names and rules come from
+    inspo_core.names, so torch (seconds to import) is not loaded. The list of exceptions is checked too: a
+    command that stops needing torch for its help leaves it."""
+    from workbench.cli import COMMANDS
+
+    probe = ("import runpy, sys\nsys.argv = ['workbench', sys.argv[1], '--help']\ntry:\n"
+             "    runpy.run_module('workbench', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('TORCH', 'torch' in sys.modules, file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    loaded = {}
+    for name in COMMANDS:
+        res = subprocess.run([sys.executable, "-c", probe, name], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0 and "--config" in res.stdout, (name, res.stderr[-2000:])
+        loaded[name] = "TORCH True" in res.stderr
+    assert {n for n, yes in loaded.items() if yes} == HELP_LOADS_TORCH
+
+
+def test_the_registries_are_built_from_the_names():
+    """Every objective, strategy and engine the config offers has its code, with the spec's rules."""
+    from inspo_core import names
+    from inspo_core.engines import ENGINES
+    from inspo_core.objectives import OBJECTIVES
+    from inspo_core.strategies import STRATEGIES
+
+    assert list(OBJECTIVES) == list(names.OBJECTIVE_SPECS) and all(o.fn is not None for o in OBJECTIVES.values())
+    for n, o in OBJECTIVES.items():
+        spec = names.OBJECTIVE_SPECS[n]
+        assert (o.hparams, o.needs_reference, o.normalizes_itself, o.batch_reference_point) == \
+            (spec.hparams, spec.needs_reference, spec.normalizes_itself, spec.batch_reference_point)
+    assert list(STRATEGIES) == list(names.STRATEGY_SPECS) and all(s.terms() for s in STRATEGIES.values())
+    assert {n: e.summary for n, e in ENGINES.items()} == names.ENGINE_SUMMARIES
+
+
 def test_demo_resume_reuses_finished_runs_and_redoes_the_rest(tmp_path):
     """An interrupted demo continues with --resume: a run evaluated with the same settings is reused
     as it is, a run without its final model is trained again (to the same weights), and a changed

@@ -11,8 +11,7 @@ from typing import Callable
 
 from inspo_core.config import TrainConfig, opt
 from inspo_core.rundir import RunDir
-from inspo_core.objectives import OBJECTIVES
-from inspo_core.strategies import STRATEGIES
+from inspo_core.names import OBJECTIVE_SPECS as OBJECTIVES, STRATEGY_SPECS as STRATEGIES
 from inspo_core.worlds.base import world_class, world_names
 
 
