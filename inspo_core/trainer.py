@@ -65,27 +65,27 @@ def lr_lambda(total: int, warmup_ratio: float, min_ratio: float):
     return f
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. /proc's VmHWM belongs to the current program image;
-    ru_maxrss would carry over the parent's peak across fork + exec."""
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS) in MB; None where /proc is not there."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. /proc's VmHWM belongs to the current program image;
+    ru_maxrss would carry over the parent's peak across fork + exec."""
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def resident_mb() -> float:
     """This process's resident memory now (VmRSS; 0 where /proc is not there)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_status_mb("VmRSS") or 0.0
 
 
 def peak_mem_mb(device: torch.device) -> float:
