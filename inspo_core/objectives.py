@@ -12,7 +12,6 @@ strategies in `inspo_core.strategies` do that selection.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -169,7 +168,7 @@ _LOSSES: dict[str, Callable[..., LossOutput]] = {
     "rrhf": _rrhf, "hinge": _hinge, "robust": _robust, "kto": _kto,
 }
 OBJECTIVES: dict[str, Objective] = {
-    name: Objective(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}, fn=_LOSSES[name])
+    name: Objective(**vars(spec), fn=_LOSSES[name])
     for name, spec in OBJECTIVE_SPECS.items()
 }
 

@@ -278,6 +278,19 @@ def _load_policy(cfg: TrainConfig, source: str, resume_from: Path | None):
 
 # ---- the reference -------------------------------------------------------------------------------------
 
+def _ref_dtype(cfg: TrainConfig) -> str:
+    """The precision the reference is scored in, as its cache key names it."""
+    return "bf16" if cfg.bf16 else "fp32"
+
+
+def _score_reference(cfg: TrainConfig, engine: Engine, acc, model, pairs, views, pad_id: int):
+    """compute_ref_logps of `pairs` with the run's batching, packing and precision (the engine's autocast)."""
+    with engine.reference_autocast(acc, cfg.bf16):
+        return compute_ref_logps(model, pairs, views, batch_size=cfg.batch_size, pad_id=pad_id,
+                                 chunk_mb=cfg.logps_chunk_mb, packing=cfg.packing,
+                                 mask_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+
+
 def score_pending_reference(plan: TrainPlan, scorer, acc, say) -> TrainPlan:
     """The plan with its reference log-probs, scored by `scorer` (the engine-wrapped sharded policy, still holding
     the source's weights) when the cache does not hold them. Every rank scores every pair in the same batches
@@ -290,7 +303,7 @@ def score_pending_reference(plan: TrainPlan, scorer, acc, say) -> TrainPlan:
     with acc.main_process_first():
         ref_id = cache.model_id(plan.model_source)
     splits = (plan.train_pairs, plan.val_pairs)
-    keys = [cache.key(ref_id, pairs, views, "bf16" if cfg.bf16 else "fp32") for pairs in splits]
+    keys = [cache.key(ref_id, pairs, views, _ref_dtype(cfg)) for pairs in splits]
     found = [cache.load(k, views) for k in keys]
     hits = torch.tensor([float(got is not None) for got, _ in found], device=acc.device)
     everywhere = acc.reduce(hits, "sum").tolist()  # a file one rank read and another did not is computed again
@@ -299,10 +312,7 @@ def score_pending_reference(plan: TrainPlan, scorer, acc, say) -> TrainPlan:
         if n == acc.num_processes:
             results.append(got)
             continue
-        with plan.engine.reference_autocast(acc, cfg.bf16):
-            got, f = compute_ref_logps(scorer, pairs, views, batch_size=cfg.batch_size, pad_id=plan.pad_id,
-                                       chunk_mb=cfg.logps_chunk_mb, packing=cfg.packing,
-                                       mask_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        got, f = _score_reference(cfg, plan.engine, acc, scorer, pairs, views, plan.pad_id)
         forwards += f
         if acc.is_main_process:
             cache.store(key, got)
@@ -351,15 +361,13 @@ def _reference(cfg: TrainConfig, method: Method, source: str, policy, train_pair
     with acc.main_process_first():
         ref_id = cache.model_id(ref_source)
         for pairs in (train_pairs, val_pairs):
-            key = cache.key(ref_id, pairs, views, "bf16" if cfg.bf16 else "fp32")
+            key = cache.key(ref_id, pairs, views, _ref_dtype(cfg))
 
             def compute(pairs=pairs):
                 model = get_ref()
                 ctx = model.disable_adapter() if cfg.lora else contextlib.nullcontext()  # LoRA: the base model
-                with ctx, engine.reference_autocast(acc, cfg.bf16):
-                    return compute_ref_logps(model, pairs, views, batch_size=cfg.batch_size, pad_id=pad_id,
-                                             chunk_mb=cfg.logps_chunk_mb, packing=cfg.packing,
-                                             mask_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+                with ctx:
+                    return _score_reference(cfg, engine, acc, model, pairs, views, pad_id)
 
             results.append(cache.get_or_compute(key, views, compute))
     (ref_train, s1), (ref_val, s2) = results

@@ -13,7 +13,6 @@ entropy, a constant; the draft is scored for the logs only.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +73,7 @@ _TERMS = {
 }
 
 STRATEGIES: dict[str, Strategy] = {
-    name: Strategy(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+    name: Strategy(**vars(spec))
     for name, spec in STRATEGY_SPECS.items()
 }
 assert set(STRATEGIES) == set(_TERMS), "every strategy needs its terms"

@@ -49,7 +49,6 @@ class MemoryConfig:
 
 def build_model(cfg: MemoryConfig) -> Path:
     """The model directory (built once per size): random weights, fp32 safetensors, a tokenizer."""
-    import torch
 
     from inspo_core.atomic import atomic_path
     from inspo_core.data import load_rows
@@ -70,7 +69,6 @@ def build_model(cfg: MemoryConfig) -> Path:
         tok.save_pretrained(tmp)
     del model
     gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return path
 
 
