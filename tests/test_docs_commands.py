@@ -198,3 +198,32 @@ def test_every_command_shown_runs_at_tiny_scale_or_says_why_not(page, cmd, comme
             assert run_cfg["sharding"] == want, (cmd, run_cfg["sharding"])
             asked = _parse_workbench(_workbench_argv(shlex.split(cmd))).bf16  # the command's own, else the launcher's
             assert run_cfg["bf16"] == (asked if asked is not None else launch_cfg.get("mixed_precision") == "bf16")
+
+
+def _script_commands() -> list[tuple[str, list[str]]]:
+    """(script, argv) of each `python -m workbench` or `python -m pytest` line of scripts/*.sh (after a `timeout N`),
+    with the shell's $VARIABLES as placeholders."""
+    found = []
+    for script in sorted((ROOT / "scripts").glob("*.sh")):
+        for line in script.read_text().replace("\\\n", " ").splitlines():
+            line = re.sub(r"\$\{?\w+\}?", "VAR", line.split("|")[0]).replace("2>&1", "").strip()
+            argv = shlex.split(line) if line.startswith(("python -m", "timeout")) else []
+            if argv[:1] == ["timeout"]:
+                argv = argv[2:]
+            if argv[:3] in (["python", "-m", "workbench"], ["python", "-m", "pytest"]):
+                found.append((script.name, argv))
+    return found
+
+
+def test_the_scripts_commands_parse_against_the_project(capsys):
+    """scripts/gpu_check.sh runs only on a GPU machine; its commands still parse here, so a renamed flag or a
+    moved test file fails CI."""
+    found = _script_commands()
+    assert {s for s, _ in found} >= {"gpu_check.sh"} and len(found) >= 2, found
+    for script, argv in found:
+        if argv[2] == "pytest":
+            files = [a for a in argv[3:] if a.endswith(".py")]
+            assert files and all((ROOT / f).is_file() for f in files), (script, argv)
+        else:
+            _parse_workbench(argv[3:])
+    capsys.readouterr()
