@@ -14,8 +14,10 @@ accumulation 8 and 2 processes x batch 4 all see the same global batches.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -86,6 +88,37 @@ def peak_rss_mb() -> float:
 def resident_mb() -> float:
     """This process's resident memory now (VmRSS; 0 where /proc is not there)."""
     return _proc_status_mb("VmRSS") or 0.0
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _glibc():
+    """glibc's C library, or None (another libc, another OS)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Give the heap pages freed so far back to the OS (glibc's malloc_trim). glibc keeps freed blocks in its
+    heaps for reuse, so a process that gathered a whole layer, or scored the reference once, keeps that memory
+    resident although no tensor holds it. Called at the end of each phase on CPU; False where not glibc."""
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Serve every allocation above `threshold` bytes by its own mapping, so a freed tensor leaves the resident
+    set at once (glibc raises its threshold after the first large free, then keeps such blocks in the heap).
+    Costs a fresh, zeroed mapping per large allocation. Not done where the environment already sets
+    MALLOC_MMAP_THRESHOLD_ (the user's choice)."""
+    libc = _glibc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -215,6 +248,8 @@ class Trainer:
         """This process's peak resident memory (and CUDA's peak allocation) at the end of `phase`; a high-water
         mark, so each phase's value includes the ones before it."""
         self.memory[phase] = peak_mem_mb(self.acc.device)
+        if self.acc.device.type == "cpu" and self.cfg.cpu_malloc != "default":
+            return_freed_memory()
         self.memory_now[phase] = resident_mb()
 
     def _write_memory(self) -> None:
@@ -245,6 +280,8 @@ class Trainer:
         if acc.distributed_type.name == "FSDP":
             raise ValueError("this Accelerator carries accelerate's FSDP plugin; the workbench shards the model itself "
                              "(sharding fsdp2, the same code on CPU and GPU): build it without one")
+        if acc.device.type == "cpu" and cfg.cpu_malloc == "mmap":
+            map_large_allocations()
         torch.manual_seed(cfg.seed)
         self.plan, scorer = prepare(cfg, acc, engine, self.say, launcher=self.launcher.describe(), mark=self._mark)
         plan, run = self.plan, self.plan.run

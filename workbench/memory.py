@@ -44,6 +44,8 @@ class MemoryConfig:
     output_dir: str = opt("runs/memory", "runs, memory.json and memory.md")
     cache_dir: str = opt(".cache/inspo", "where the model is built once")
     timeout_s: int = opt(3600, "limit per run (a hang in a collective fails it)")
+    cpu_malloc: str = opt("trim", "the runs' --cpu_malloc (glibc's heap on CPU: trim, mmap or default)",
+                          choices=["trim", "mmap", "default"])
     resume: bool = opt(False, "reuse the runs whose memory.json is already there")
 
 
@@ -76,7 +78,7 @@ def _launch(cfg: MemoryConfig, model: Path, engine: str, procs: int, out: Path) 
     common = ["--model", str(model), "--data", cfg.data, "--max_rows", str(cfg.rows), "--val_size", "0",
               "--max_length", str(cfg.max_length), "--batch_size", "1", "--grad_accum", "1",
               "--max_steps", str(cfg.steps), "--save_every", str(cfg.steps), "--output_dir", str(out),
-              "--cache_dir", str(out / "cache"), "--sharding", engine, "--overwrite"]
+              "--cache_dir", str(out / "cache"), "--sharding", engine, "--cpu_malloc", cfg.cpu_malloc, "--overwrite"]
     if engine == "none" and procs == 1:
         return [sys.executable, "-m", "workbench", "train", *common]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
