@@ -2,6 +2,7 @@
 sharded (DCP) checkpoints, a consolidated final/, LoRA, and state that halves per rank."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -450,3 +451,31 @@ def test_fsdp2_resume_skips_a_shard_damaged_at_the_same_size(runs, tmp_path):
                                                                                      "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_the_memory_command_at_tiny_scale(tmp_path):
+    """`workbench memory` end to end on a tiny Llama: the plain row and fsdp2 on 1 and 2 processes, a record per
+    rank, the table's ratios computed from the records, the weights removed once measured, and a run that fails
+    (here a ZeRO-3 run given a timeout it cannot meet) kept as a row that says so while the others go on."""
+    from inspo_core.config import load_config
+    from workbench.memory import MemoryConfig, run_memory
+
+    out = tmp_path / "memory"
+    cfg = load_config(MemoryConfig, None, dict(hidden=32, layers=2, intermediate=64, heads=4, vocab=1000, engines=["fsdp2"],
+                                               procs=[1, 2], steps=1, rows=4, output_dir=str(out),
+                                               cache_dir=str(tmp_path / "cache")))
+    rows = run_memory(cfg)
+    assert [(r["engine"], r["processes"]) for r in rows] == [("none", 1), ("fsdp2", 1), ("fsdp2", 2)]
+    for r in rows:
+        rec = json.loads((out / f"{r['engine']}-{r['processes']}" / "memory.json").read_text())
+        assert len(rec["ranks"]) == r["processes"] and rec["phases"] == ["load", "reference", "setup", "train", "save"]
+        assert r["peak_mb"] == max(rank["save"] for rank in rec["ranks"]) > 100
+        assert not (out / f"{r['engine']}-{r['processes']}" / "final").exists()  # measured, then removed
+    table = (out / "memory.md").read_text()
+    base = rows[0]["peak_mb"]
+    assert f"| fsdp2 | 2 | {rows[2]['peak_mb']:.0f} | {rows[2]['peak_mb'] / base:.2f} |" in table
+    failing = load_config(MemoryConfig, None, {**dataclasses.asdict(cfg), "engines": ["zero3"], "procs": [1],
+                                               "timeout_s": 1, "resume": True})
+    rows = run_memory(failing)
+    assert rows[0]["peak_mb"] == base  # reused
+    assert rows[1] == {"engine": "zero3", "processes": 1, "failed": "the run did not finish within 1 s"}

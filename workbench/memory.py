@@ -17,6 +17,8 @@ import gc
 import hashlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ class MemoryConfig:
     cpu_malloc: str = opt("trim", "the runs' --cpu_malloc (glibc's heap on CPU: trim, mmap or default)",
                           choices=["trim", "mmap", "default"])
     resume: bool = opt(False, "reuse the runs whose memory.json is already there")
+    keep_weights: bool = opt(False, "keep each run's checkpoint, final/ and reference cache (several GB per run) "
+                             "after it is measured")
 
 
 def build_model(cfg: MemoryConfig) -> Path:
@@ -93,14 +97,24 @@ def measure(cfg: MemoryConfig, model: Path, engine: str, procs: int) -> dict:
         failed.unlink(missing_ok=True)
         log = out / "log.txt"
         print(f"memory: {engine} x {procs} process(es) ... (log {log})", flush=True)
-        with open(log, "w") as f:
-            res = subprocess.run(_launch(cfg, model, engine, procs, out), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=cfg.timeout_s)
-        if res.returncode != 0:  # a row that says so (a worker killed for memory is an answer too); the rest go on
+        with open(log, "w") as f:  # a session of its own: a run over its time is killed with all its workers
+            proc = subprocess.Popen(_launch(cfg, model, engine, procs, out), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+            try:
+                code, late = proc.wait(timeout=cfg.timeout_s), False
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code, late = proc.wait(), True
+        if code != 0:  # a row that says so (a worker killed for memory is an answer too); the rest go on
             tail = log.read_text(errors="replace")[-4000:]
-            why = "a worker was killed (SIGKILL: out of memory?)" if "SIGKILL" in tail else "the run failed"
-            failed.write_text(json.dumps({"returncode": res.returncode, "why": why, "log": str(log)}))
-            print(f"memory: {engine} x {procs}: {why} (exit {res.returncode}); see {log}", flush=True)
+            why = (f"the run did not finish within {cfg.timeout_s} s" if late else
+                   "a worker was killed (SIGKILL: out of memory?)" if "SIGKILL" in tail else
+                   "the disk was full" if "No space left on device" in tail else "the run failed")
+            failed.write_text(json.dumps({"returncode": code, "why": why, "log": str(log)}))
+            print(f"memory: {engine} x {procs}: {why} (exit {code}); see {log}", flush=True)
+        if not cfg.keep_weights:  # measured: the run's weights (a checkpoint, final/, the cache) are not needed
+            for part in ("checkpoints", "final", "best", "cache"):
+                shutil.rmtree(out / part, ignore_errors=True)
     if not record.is_file():
         doc = json.loads(failed.read_text())
         return {"engine": engine, "processes": procs, "failed": doc["why"]}
