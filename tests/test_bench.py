@@ -9,7 +9,7 @@ from workbench.bench_data import synthetic_pairs
 from workbench.cli import main
 
 CONTRACT = {"strategy", "packing", "reference", "pairs_per_s", "sec_per_step", "tokens_per_s", "tokens_processed",
-            "model_flops", "mfu", "peak_mem_mb"}
+            "model_flops", "mfu", "executed_flops", "mfu_executed", "peak_mem_mb"}
 
 
 def test_bench_rows_and_json(tmp_path, capsys):
@@ -68,14 +68,16 @@ def test_realistic_lengths_are_the_same_tokens_for_us_and_trl():
             assert pair.targets[r] == trl_ids[: 512 - len(prompt)] == want
 
 
-def test_model_flops_match_torch_flop_counter():
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_model_flops_match_torch_flop_counter(lora_r):
     """The bench's model FLOPs against an independent count: torch's FlopCounterMode over the forward
     (and forward + backward) the scorer actually runs, one sequence per forward (no padding), SDPA on
     its math kernel so attention is counted as the matmuls it is (CPU's fused kernel is not counted).
     What the counter executes and what model FLOPs count differ in two known ways only: attention is
     computed as the full n x n square (model FLOPs count its causal half), and the backward recomputes
     the checkpointed LM head once. Before the fix the bench charged the LM head at every token and the
-    norm weights as matmuls: 28.67M FLOPs for a forward the counter puts at 20.41M."""
+    norm weights as matmuls: 28.67M FLOPs for a forward the counter puts at 20.41M. Under LoRA the frozen base
+    weights' backward computes their input's gradient only: 4 FLOPs per weight per token, not 6."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -83,11 +85,11 @@ def test_model_flops_match_torch_flop_counter():
     from inspo_core.conditioning import BuiltPair
     from inspo_core.scoring import score_views
     from inspo_core.strategies import resolve_method
-    from workbench.bench import model_for
+    from workbench.bench import model_for, with_lora
     from workbench.bench_data import matmul_params, model_flops
 
     cfg = BenchConfig(preset="tiny", prompt_len=16, response_len=8, batch_size=2)
-    model = model_for(cfg)
+    model = with_lora(model_for(cfg), lora_r)
     mc = model.config
     cases = [(synthetic_pairs(cfg, mc.vocab_size), resolve_method("dpo", "symmetric").policy_views),
              # uneven lengths, and fewer scored tokens than target tokens (an EOS left out of the loss)
@@ -107,7 +109,7 @@ def test_model_flops_match_torch_flop_counter():
         c = fc.get_flop_counts()
         ops = {str(k): n for k, n in c["Global"].items()}
         assert set(ops) == {"aten.mm", "aten.bmm"}  # linears, attention
-        head = sum(c["TokenLogps.lm.lm_head"].values())
+        head = sum(sum(n.values()) for k, n in c.items() if k.endswith("lm_head"))
         return {"linear": ops["aten.mm"], "attention": ops["aten.bmm"], "head": head}
 
     def bench(train: bool) -> float:
@@ -131,3 +133,26 @@ def test_trl_row_runs_beside_ours(tmp_path):
     rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"none", "trl-dpo"} and rows["trl-dpo"]["sec_per_step"] > 0
     assert rows["none"]["time_ratio_vs_trl"] == rows["none"]["sec_per_step"] / rows["trl-dpo"]["sec_per_step"]
+
+
+def test_executed_flops_of_a_step_without_padding():
+    """What a step executes (FlopCounterMode over the runner's own step) against the model FLOPs derived by hand:
+    with every sequence of one length there is no padding, so the difference is exactly the two things a step
+    runs beyond the minimal work: attention's full square (the math kernel; model FLOPs count its causal half)
+    and the LM head's forward once more in the backward (the chunked head is checkpointed)."""
+    from workbench.bench import Runner, _setup, executed_flops
+    from workbench.bench_data import Data, matmul_params, model_flops
+
+    cfg = BenchConfig(preset="tiny", prompt_len=16, response_len=8, batch_size=2, references=["cached"])
+    dev, policy, ref = _setup(cfg, live_reference=False)
+    mc = policy.config
+    r = Runner(cfg, "none", "padded", "cached", policy, ref, Data(cfg, mc.vocab_size).batches("none"), dev)
+    pairs, views = r.pairs[0], r.method.policy_views
+    n = [len(p.sequence(v)[0]) for p in pairs for v in views]
+    assert len(set(n)) == 1  # one length: no padding
+    scored = sum(p.loss_lengths[v.target] for p in pairs for v in views)
+    m = matmul_params(policy)
+    minimal = model_flops(pairs, views, m, mc.num_hidden_layers, mc.hidden_size, train=True)
+    upper_half = 3 * 2 * mc.num_hidden_layers * mc.hidden_size * sum(k * k for k in n)
+    recompute = 2 * m.head * scored
+    assert executed_flops(r) == minimal + upper_half + recompute

@@ -43,13 +43,16 @@ PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
     "tiny": (64, 2, 4, 4, 128, 1000),
     "cpu-small": (256, 4, 4, 4, 688, 32000),
     "0.5b": (1024, 24, 16, 16, 2816, 32000),
+    "smollm2": (576, 30, 9, 3, 1536, 49152),  # SmolLM2-135M's architecture (random weights, no download)
 }
+TIED = {"smollm2"}  # presets whose LM head is the embedding matrix
 
 
 @dataclass
 class BenchConfig:
-    preset: str = opt("cpu-small", "model size: tiny (tests), cpu-small (~20M params) or 0.5b (~0.5B, for GPUs)",
-                      choices=list(PRESETS))
+    preset: str = opt("cpu-small", "model size: tiny (tests), cpu-small (~20M params), smollm2 (SmolLM2-135M's "
+                      "architecture, tied embeddings) or 0.5b (~0.5B, for GPUs)", choices=list(PRESETS))
+    lora_r: int = opt(0, "LoRA rank on every linear layer of the body (0: full fine-tuning)")
     vocab: int | None = opt(None, "override the preset's vocabulary (e.g. 128256 for a Llama-3 vocabulary)")
     lengths: str = opt("fixed", "fixed: every prompt prompt_len and every response response_len tokens; realistic: "
                        "prompts 16-256 and responses 20-400 tokens (log-uniform, chosen and rejected apart) within "
@@ -86,8 +89,18 @@ def model_for(cfg: BenchConfig):
     torch.manual_seed(cfg.seed)
     mc = LlamaConfig(vocab_size=cfg.vocab or vocab, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
                      num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=4096,
-                     attn_implementation="sdpa", tie_word_embeddings=False)
+                     attn_implementation="sdpa", tie_word_embeddings=cfg.preset in TIED)
     return LlamaForCausalLM(mc)
+
+
+def with_lora(model, r: int):
+    """`model` with LoRA adapters of rank r (alpha 2r) on every linear layer of the body, as the workbench's
+    SmolLM2 runs train (peft's "all-linear" leaves the LM head out); r = 0: the model itself."""
+    if not r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
 
 
 def gemm_flops_per_s(dev, dtype, n: int | None = None, reps: int = 5) -> float:
@@ -205,8 +218,13 @@ class TrlRunner:
                 _sync(dev)
                 times.append(time.perf_counter() - self.t0)
 
+        lora = None
+        if cfg.lora_r:  # the same adapters as ours (`with_lora`), given to TRL the way its users do
+            from peft import LoraConfig
+
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules="all-linear")
         self.trainer = DPOTrainer(model=model, args=args, processing_class=tok, train_dataset=data,
-                                  callbacks=[StepTimer()])
+                                  callbacks=[StepTimer()], peft_config=lora)
         self.trainer.remove_callback(PrinterCallback)  # its end-of-training metrics would interleave the table
         self.tokens_processed = None
 
@@ -221,6 +239,23 @@ class TrlRunner:
         self.trainer.train()
 
 
+def executed_flops(r) -> float:
+    """FLOPs one step of `r` executes, as torch's FlopCounterMode counts them (the mean over the runner's
+    batches; TRL's row: one step): every matmul the layout runs, padding, the LM head where it is computed and
+    its recompute in the backward included. SDPA runs on its math kernel while counting, so attention counts as
+    the full square that kernel computes (the fused CPU kernel skips blocks above the diagonal: for attention
+    this count is an upper bound). The step trains as a timed one does."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    steps = len(r.batches) if isinstance(r, Runner) else 1
+    fc = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), fc:
+        for _ in range(steps):
+            r.step()
+    return fc.get_total_flops() / steps
+
+
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -232,7 +267,7 @@ def _setup(cfg: BenchConfig, live_reference: bool = True):
     dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                        (cfg.device if cfg.device != "auto" else "cpu"))
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    policy = model_for(cfg).to(dev, dtype)
+    policy = with_lora(model_for(cfg).to(dev, dtype), cfg.lora_r)
     ref_model = policy
     if live_reference:
         ref_model = model_for(cfg).to(dev, dtype).eval()
@@ -310,6 +345,7 @@ def run_bench(cfg: BenchConfig, log=print) -> list[dict]:
         for r in runners:
             times[r.name] += r.run(cfg.steps)
     peak = max(peak, gemm())  # the machine's best of before and after: MFU is not flattered by a slow moment
+    executed = {r.name: executed_flops(r) for r in runners}  # after the timed steps: counting slows a step
     if cfg.profile:
         for r in runners:
             log(profile_step(r))
@@ -322,16 +358,19 @@ def run_bench(cfg: BenchConfig, log=print) -> list[dict]:
                      "pairs_per_s": cfg.batch_size / t, "sec_per_step": t,
                      "tokens_per_s": r.tokens_processed / t if r.tokens_processed else None,
                      "tokens_processed": r.tokens_processed, "model_flops": flops, "mfu": flops / t / peak,
+                     "executed_flops": executed[r.name], "mfu_executed": executed[r.name] / t / peak,
                      "peak_mem_mb": None})
     if cfg.memory:
         for row in rows:
             row["peak_mem_mb"] = _memory(cfg, row, dev)
     add_ratios(rows)
     log(format_rows(rows))
-    log(f"MFU: model FLOPs (6 per body matmul weight per token, 6 per LM head weight per scored token, causal "
-        f"attention; padding excluded) per second over this machine's "
-        f"measured matmul throughput, {peak / 1e9:.1f} GFLOP/s ({'bf16' if cfg.bf16 else 'fp32'} GEMM, best of "
-        "before and after)")
+    log(f"MFU over this machine's measured matmul throughput, {peak / 1e9:.1f} GFLOP/s "
+        f"({'bf16' if cfg.bf16 else 'fp32'} GEMM, best of before and after), of two counts: model FLOPs (what the "
+        "work needs: each view's sequence on its own, no padding, 6 per trained and 4 per frozen matmul weight per "
+        "token, the LM head at scored tokens, causal attention) and executed FLOPs (what the step ran, counted by "
+        "torch's FlopCounterMode: padding, the head's recompute, attention as full squares; tree packing's shared "
+        "prompt once)")
     log(check_targets(rows))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps({"config": dataclasses.asdict(cfg), "device": dev.type,
@@ -411,11 +450,13 @@ def format_rows(rows: list[dict]) -> str:
         return "-" if v is None else format(v, spec)
 
     head = f"{'strategy':<10}{'packing':<8}{'reference':<10}{'s/step':>8}{'pairs/s':>9}{'tokens':>8}{'MFU':>7}" \
+           f"{'MFU ex':>7}{'ex/model':>9}" \
            f"{'peak MB':>9}{'time/none':>10}{'tokens/none':>12}{'vs none-padded':>15}{'vs TRL':>8}"
     lines = [head]
     for r in rows:
         lines.append(f"{r['strategy']:<10}{r['packing']:<8}{r['reference']:<10}{r['sec_per_step']:>8.3f}"
                      f"{r['pairs_per_s']:>9.2f}{f(r['tokens_processed'], '.0f'):>8}{r['mfu']:>7.1%}"
+                     f"{r['mfu_executed']:>7.1%}{r['executed_flops'] / r['model_flops']:>9.2f}"
                      f"{f(r['peak_mem_mb'], '.0f'):>9}{f(r.get('time_ratio_vs_none'), '.2f'):>10}"
                      f"{f(r.get('tokens_ratio_vs_none'), '.2f'):>12}"
                      f"{f(r.get('time_ratio_vs_none_padded_cached'), '.2f'):>15}"

@@ -4,6 +4,7 @@ our conditioning builder and TRL tokenise to the same ids; and the model FLOPs o
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -64,29 +65,55 @@ def realistic_batches(cfg, rows: list[dict], tok, views) -> list[list[BuiltPair]
     return [pairs[i: i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
 
 
-def matmul_params(model) -> tuple[int, int]:
-    """(matmul weights of the decoder body, of the LM head): the weights that cost 2 FLOPs per token
-    each. Embedding lookups and norm weights are no matmuls (and biases are additions)."""
+class Matmuls(NamedTuple):
+    """Matmul weights (2 FLOPs per token each in the forward) of the decoder body and of the LM head, and how
+    many of each are frozen (LoRA's base weights): a frozen weight's backward computes the gradient of its
+    input only (2 FLOPs per token), a trained one's of its input and itself (4)."""
+
+    body: int
+    head: int
+    body_frozen: int = 0
+    head_frozen: int = 0
+    no_input_grad: int = 0  # weights whose input carries no gradient: no backward to it (LoRA's first layer)
+
+
+def matmul_params(model) -> Matmuls:
+    """The model's `Matmuls`. Embedding lookups and norm weights are no matmuls (and biases are additions);
+    under LoRA the adapters' A and B are matmuls of their own (trained) beside the frozen base weight."""
     from torch import nn
 
-    body = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, nn.Linear))
-    return body, model.get_output_embeddings().weight.numel()
+    decoder = model.get_decoder()
+    linears = [m.weight for m in decoder.modules() if isinstance(m, nn.Linear)]
+    head = model.get_output_embeddings().weight
+    first = []  # with the embedding frozen, the first layer's q, k, v (and LoRA's A there) read an input without a gradient
+    if not model.get_input_embeddings().weight.requires_grad:
+        first = [m.weight for name, m in decoder.layers[0].self_attn.named_modules()
+                 if isinstance(m, nn.Linear) and name.split(".")[0] in ("q_proj", "k_proj", "v_proj")
+                 and "lora_B" not in name]
+    return Matmuls(sum(w.numel() for w in linears), head.numel(),
+                   sum(w.numel() for w in linears if not w.requires_grad), 0 if head.requires_grad else head.numel(),
+                   sum(w.numel() for w in first))
 
 
-def model_flops(pairs: list[BuiltPair], views, matmul: tuple[int, int], layers: int, hidden: int, train: bool) -> float:
+def model_flops(pairs: list[BuiltPair], views, matmul: Matmuls, layers: int, hidden: int, train: bool) -> float:
     """Model FLOPs of scoring `views` of `pairs`, each view's sequence on its own and without padding
     (what the work is, however it is laid out). Forward: 2 per body matmul weight per token, 2 per LM
     head weight per *scored* token (scoring needs the logits there only, and the scorer computes no
     others: `inspo_core.logps`), and causal attention, 2 n^2 hidden per layer (the lower triangle of
-    QK^T and AV, each 2 n^2 hidden in full); x3 for forward + backward. `matmul` is
-    `matmul_params(model)`. tests/test_bench.py checks it against torch's FlopCounterMode."""
-    body, head = matmul
+    QK^T and AV, each 2 n^2 hidden in full). The backward: attention 2x its forward, a trained weight 4 per
+    token, a frozen one 2 (its input's gradient only), 2 fewer where the input needs no gradient (under LoRA
+    the first layer's q, k, v read the frozen embedding's output). `matmul` is `matmul_params(model)`.
+    tests/test_bench.py checks it against torch's FlopCounterMode, full fine-tuning and LoRA."""
+    m = matmul if isinstance(matmul, Matmuls) else Matmuls(*matmul)
+    body_mult = (3 * (m.body - m.body_frozen) + 2 * m.body_frozen - m.no_input_grad) if train else m.body
+    head_mult = (3 * (m.head - m.head_frozen) + 2 * m.head_frozen) if train else m.head
     total = 0.0
     for p in pairs:
         for v in views:
             n = len(p.sequence(v)[0])
-            total += 2 * body * n + 2 * head * p.loss_lengths[v.target] + 2 * layers * hidden * n * n
-    return total * (3 if train else 1)
+            total += (2 * body_mult * n + 2 * head_mult * p.loss_lengths[v.target]
+                      + 2 * layers * hidden * n * n * (3 if train else 1))
+    return total
 
 
 class Data:
