@@ -34,7 +34,7 @@ ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "best", "ev
 # keys that may differ between a run and its resume: they change where and how often things are
 # written, not the trajectory of the weights
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "output_dir", "cache_dir", "save_every", "save_total_limit",
-                              "log_every", "eval_every", "report_to", "merge_final"})
+                              "log_every", "eval_every", "report_to", "merge_final", "cpu_malloc"})
 
 
 class RunDir:

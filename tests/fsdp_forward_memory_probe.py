@@ -34,7 +34,8 @@ def main(model_dir: str, mmap_threshold: str | None = None) -> None:
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     lm = shard_io.empty_model(model_dir)
     scorer = TokenLogps(lm)
-    for layer in decoder_layers(lm):
+    layers = list(decoder_layers(lm))
+    for layer in layers:
         fully_shard(layer)
     fully_shard(scorer)
     shard_io.materialize(scorer, "cpu")
@@ -43,8 +44,19 @@ def main(model_dir: str, mmap_threshold: str | None = None) -> None:
     ids = torch.randint(0, lm.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(0))
     rows, cols = torch.arange(2).repeat_interleave(59), torch.arange(59).repeat(2)
     scorer.eval()
+    first = {"on": True}
+    def after(k):
+        def hook(module, args, output):  # returns None: the output stays the layer's
+            if first["on"] and k % 4 == 0:
+                say(f"  after layer {k}", rss(), flush=True)
+        return hook
+
+    for k, layer in enumerate(layers):  # rank 0's resident set after each layer of the first forward
+        layer.register_forward_hook(after(k))
     with torch.no_grad():
         for i in range(3):
+            if i == 1:
+                first["on"] = False
             scorer(ids, torch.ones_like(ids), rows, cols)
             say("forward", i, rss(), flush=True)
     for m in scorer.modules():
