@@ -471,6 +471,7 @@ def test_the_memory_command_at_tiny_scale(tmp_path):
         assert len(rec["ranks"]) == r["processes"] and rec["phases"] == ["load", "reference", "setup", "train", "save"]
         assert r["peak_mb"] == max(rank["save"] for rank in rec["ranks"]) > 100
         assert not (out / f"{r['engine']}-{r['processes']}" / "final").exists()  # measured, then removed
+        assert rec["cpu_malloc"] == ("trim" if r["engine"] == "none" else "mmap")  # auto
     table = (out / "memory.md").read_text()
     base = rows[0]["peak_mb"]
     assert f"| fsdp2 | 2 | {rows[2]['peak_mb']:.0f} | {rows[2]['peak_mb'] / base:.2f} |" in table

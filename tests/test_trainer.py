@@ -299,3 +299,13 @@ def test_freed_heap_memory_goes_back_to_the_os():
     out = json.loads(subprocess.run([sys.executable, "-c", HEAP_PROBE, "mmap"], capture_output=True, text=True,
                                     check=True, env=env, cwd=ROOT).stdout)
     assert out == {"mmap": False, "env": "65536"}
+
+
+def test_auto_heap_mode_follows_the_engine():
+    """--cpu_malloc auto: every large allocation its own mapping under the engines that shard (memory per rank is
+    the point there), the phase-end trim otherwise; an explicit choice is kept."""
+    from inspo_core.engines import get_engine
+    from inspo_core.trainer import heap_mode
+
+    assert [heap_mode("auto", get_engine(e)) for e in ("none", "fsdp2", "zero3")] == ["trim", "mmap", "mmap"]
+    assert [heap_mode(m, get_engine("fsdp2")) for m in ("trim", "mmap", "default")] == ["trim", "mmap", "default"]

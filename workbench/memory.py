@@ -46,8 +46,8 @@ class MemoryConfig:
     output_dir: str = opt("runs/memory", "runs, memory.json and memory.md")
     cache_dir: str = opt(".cache/inspo", "where the model is built once")
     timeout_s: int = opt(3600, "limit per run (a hang in a collective fails it)")
-    cpu_malloc: str = opt("trim", "the runs' --cpu_malloc (glibc's heap on CPU: trim, mmap or default)",
-                          choices=["trim", "mmap", "default"])
+    cpu_malloc: str = opt("auto", "the runs' --cpu_malloc (glibc's heap on CPU: auto, trim, mmap or default)",
+                          choices=["auto", "trim", "mmap", "default"])
     resume: bool = opt(False, "reuse the runs whose memory.json is already there")
     keep_weights: bool = opt(False, "keep each run's checkpoint, final/ and reference cache (several GB per run) "
                              "after it is measured")
