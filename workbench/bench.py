@@ -18,7 +18,6 @@ child process (peak RSS growth); on CUDA it is `max_memory_allocated` in the sam
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import subprocess
@@ -35,7 +34,7 @@ from inspo_core.config import opt
 from inspo_core.logps import TokenLogps
 from inspo_core.scoring import prepare_batch, score_batch
 from inspo_core.strategies import resolve_method
-from inspo_core.trainer import peak_rss_mb
+from inspo_core.trainer import map_large_allocations, peak_rss_mb
 from inspo_core.tree_attention import use_tree_attention
 from workbench.bench_data import Data, matmul_params, model_flops
 
@@ -294,7 +293,7 @@ def measure_one_memory(cfg: BenchConfig) -> float:
     """Peak memory growth of warmup + 2 steps of the configuration named by cfg.only (MB)."""
     strategy, packing, reference = cfg.only.split("/")
     if torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu").type == "cpu":
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: freed blocks leave RSS at once
+        map_large_allocations()  # freed blocks leave the resident set at once
     if strategy == "trl-dpo":
         dev = torch.device("cpu")
         data = Data(cfg, model_for(cfg).config.vocab_size)
