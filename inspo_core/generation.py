@@ -299,6 +299,29 @@ def _own_sampling(tok, *, seed: int, device, temperature: float, top_p: float, m
     return kw
 
 
+def _shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, n: int):
+    """The key/value cache of every column of `ids` [B, L] (left padded, `mask`) but the last, computed
+    once per row and repeated n times along the batch ([B * n] rows, in `repeat_interleave` order), for
+    `generate` to continue from: it then runs only the last prompt token and the answer. Positions
+    follow the mask as `generate` sets them (first real token at 0). None (generate reads the prompt
+    itself) when there is nothing to share: n = 1, a one-token column, or a model without a cache."""
+    from transformers import DynamicCache
+
+    if n <= 1 or ids.shape[1] < 2 or not getattr(model.config, "use_cache", True):
+        return None
+    head, head_mask = ids[:, :-1], mask[:, :-1]
+    positions = (head_mask.cumsum(-1) - 1).masked_fill_(head_mask == 0, 1)
+    cache = DynamicCache(config=model.config)
+    kw = dict(input_ids=head, attention_mask=head_mask, position_ids=positions, cache=cache, use_cache=True)
+    try:
+        model(**kw, logits_to_keep=1)  # the head at one position: its logits are not used
+    except TypeError:  # a model whose forward takes no logits_to_keep
+        cache = kw["cache"] = DynamicCache(config=model.config)
+        model(**kw)
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
 @torch.no_grad()
 def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, batch_size: int = 48, progress=None,
                      score: bool = False, **sampling) -> list[list[Sampled]]:
@@ -322,8 +345,10 @@ def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, ba
         L = max(map(len, chunk))
         ids = torch.tensor([[pad] * (L - len(r)) + r for r in chunk], device=dev)
         mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in chunk], device=dev)
-        # each row repeated n times (greedy generate takes no num_return_sequences; the sampler draws)
+        # each row repeated n times (greedy generate takes no num_return_sequences; the sampler draws),
+        # its prompt read once: the cache of all but its last token is computed per row, then repeated
         res = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                             cache=_shared_prefix(model, ids, mask, n),
                              return_dict_in_generate=True, output_logits=score,
                              **_own_sampling(tok, seed=seed * 7_919 + c, device=dev, **sampling))
         gen = res.sequences.tolist()

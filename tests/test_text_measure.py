@@ -190,3 +190,31 @@ def test_nucleus_sampler_draws_from_that_distribution():
     torch.manual_seed(123)
     again = NucleusSampler(temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))(None, rows.clone())
     assert torch.equal(again.argmax(-1).view(2, n), picked)
+
+
+def test_each_prompt_is_read_once_for_its_n_answers(word_tok, monkeypatch):
+    """sample_sequences reads a prompt once and continues n answers from its cache: the same answers
+    (ids, ended, log-probs while sampling) as reading it n times, for left-padded rows of several
+    lengths, and B (L - 1) (n - 1) fewer prompt tokens embedded, counted at the embedding."""
+    import inspo_core.generation as g
+    from inspo_core.models import tiny_llama
+
+    model = tiny_llama(5, hidden_size=32, num_layers=2, num_heads=4, seed=7).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    rows = [[X, A, B, X, X], [X], [B, X, A], [X, X]]
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].numel()))
+    kw = dict(n=4, seed=11, batch_size=16, temperature=1.0, top_p=0.9, max_new_tokens=6, score=True)
+    shared = g.sample_sequences(model, word_tok, rows, **kw)
+    shared_tokens = sum(seen)
+    seen.clear()
+    monkeypatch.setattr(g, "_shared_prefix", lambda *a: None)
+    plain = g.sample_sequences(model, word_tok, rows, **kw)
+    plain_tokens = sum(seen)
+    assert [[s.ids for s in r] for r in shared] == [[s.ids for s in r] for r in plain]
+    assert [[s.ended for s in r] for r in shared] == [[s.ended for s in r] for r in plain]
+    assert [s.logp for r in shared for s in r] == pytest.approx([s.logp for r in plain for s in r], abs=1e-5)
+    assert len({len(s.ids) for r in plain for s in r}) > 1  # some answers ended early: the comparison covers it
+    rows_n, L, n = len(rows), max(map(len, rows)), 4  # one generate call: every row fits batch_size // n
+    assert plain_tokens - shared_tokens == rows_n * (L - 1) * (n - 1)
