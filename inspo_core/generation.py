@@ -11,6 +11,7 @@ import torch
 
 from inspo_core.conditioning import BuilderConfig, ConditioningBuilder
 from inspo_core.strategies import View
+from inspo_core.threads import governor
 
 
 def sampling_kwargs(tok, *, temperature: float, top_p: float, max_new_tokens: int, n: int = 1) -> dict:
@@ -340,7 +341,10 @@ def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, ba
     per_call = max(1, batch_size // max(n, 1))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[list[Sampled] | None] = [None] * len(rows)
+    threads = governor() if dev.type == "cpu" else None
     for c, s in enumerate(range(0, len(order), per_call)):
+        if threads is not None:
+            threads.tick()
         chunk = [rows[i] for i in order[s : s + per_call]]
         L = max(map(len, chunk))
         ids = torch.tensor([[pad] * (L - len(r)) + r for r in chunk], device=dev)

@@ -39,6 +39,7 @@ from inspo_core.engines import get_engine
 from inspo_core.launch import resolve_launch
 from inspo_core.sharding import local_state_mb
 from inspo_core.strategies import L_PLAIN, W_PLAIN, reflection_gain
+from inspo_core.threads import governor
 
 
 class TrainingError(RuntimeError):
@@ -332,7 +333,10 @@ class Trainer:
         progress = _progress(plan.total_steps, sess.start, acc.is_main_process)
         last_loss = float("nan")
         scorer.train()
+        threads = governor(self.say) if acc.device.type == "cpu" else None
         for step in range(sess.start, plan.total_steps):
+            if threads is not None:
+                threads.tick()  # between steps: torch's threads follow the cores other processes leave
             t0 = time.perf_counter()
             parts, tokens, grad_norm = [], 0, None
             for idx in self.micro_batches(step):
@@ -360,7 +364,8 @@ class Trainer:
             row = {"step": step + 1, "epoch": (step + 1) / plan.per_epoch, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None, **row,
                    "tokens_per_s": tokens / dt, "pairs_per_s": plan.global_batch / dt,
-                   "peak_mem_mb": peak_mem_mb(acc.device), "state_mb": local_state_mb(scorer, optimizer)}
+                   "peak_mem_mb": peak_mem_mb(acc.device), "state_mb": local_state_mb(scorer, optimizer),
+                   "threads": torch.get_num_threads()}
             progress.update(row)
             done = step + 1
             if acc.is_main_process and (done % cfg.log_every == 0 or done == plan.total_steps):

@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# the suite runs at a fixed thread count (the runs it starts inherit it): tests that compare two runs bit
+# for bit must not see the thread governor react to whatever else the machine runs (inspo_core.threads;
+# test_threads.py tests the governor itself with a simulated machine)
+os.environ.setdefault("INSPO_THREADS", str(torch.get_num_threads()))
 
 CORPUS = [
     "the cat sat on the mat and looked at the dog",
