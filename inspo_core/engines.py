@@ -184,13 +184,21 @@ class FSDP2(Engine):
     def cannot_load_into_shards(self, cfg, source: str) -> str:
         from inspo_core.shard_io import checkpoint_files, empty_model, streamable
 
+        self._checked = None
         if not checkpoint_files(source):
             return f"{source} is not a directory of safetensors files"
-        return streamable(source, empty_model(source, trust_remote_code=cfg.trust_remote_code))
+        lm = empty_model(source, trust_remote_code=cfg.trust_remote_code)
+        why = streamable(source, lm)
+        if not why:  # the model just checked is the one `sharded_policy` hands out (built once, not twice)
+            self._checked = ((str(source), bool(cfg.trust_remote_code)), lm)
+        return why
 
     def sharded_policy(self, cfg, source: str):
         from inspo_core.shard_io import empty_model
 
+        checked, self._checked = getattr(self, "_checked", None), None  # handed out once: the next run builds its own
+        if checked is not None and checked[0] == (str(source), bool(cfg.trust_remote_code)):
+            return checked[1]
         return empty_model(source, trust_remote_code=cfg.trust_remote_code)  # the meta device, filled once sharded
 
     def fill_shards(self, acc, scorer, source: str, say) -> None:

@@ -189,3 +189,25 @@ def test_the_readme_cluster_command_shards_with_zero3_in_bf16():
     assert paper.sharding == "auto"
     resolved, _, notes = resolve_launch(paper, env)
     assert (resolved.sharding, resolved.bf16) == ("zero3", True) and notes == []
+
+
+def test_fsdp2_builds_the_meta_model_once_for_its_check_and_its_policy(tmp_path, monkeypatch):
+    """The check that a source streams into shards builds the meta model; the sharded policy is that
+    model, not a second build (the next run's policy is built afresh)."""
+    from types import SimpleNamespace
+
+    import inspo_core.shard_io as sio
+    from inspo_core.engines import get_engine
+    from inspo_core.models import tiny_llama
+
+    tiny_llama(64, hidden_size=16, num_layers=1, num_heads=2, seed=0).save_pretrained(tmp_path / "m")
+    built = []
+    real = sio.empty_model
+    monkeypatch.setattr(sio, "empty_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    engine, cfg = get_engine("fsdp2"), SimpleNamespace(trust_remote_code=False)
+    assert engine.cannot_load_into_shards(cfg, str(tmp_path / "m")) == ""
+    policy = engine.sharded_policy(cfg, str(tmp_path / "m"))
+    assert len(built) == 1 and policy is built[0]
+    assert all(p.is_meta for p in policy.parameters())
+    again = engine.sharded_policy(cfg, str(tmp_path / "m"))
+    assert len(built) == 2 and again is not policy
