@@ -259,14 +259,22 @@ class NucleusSampler:
     49k vocabulary this replaces a full sort and an exponential draw over [B, V] per step (37% of a
     sampling call, profiled) with a top-k and a cumulative sum over the candidates."""
 
-    def __init__(self, *, temperature: float, top_p: float, generator: torch.Generator, candidates: int = 1024):
-        assert temperature > 0
-        self.temperature, self.top_p, self.generator, self.candidates = temperature, top_p, generator, candidates
+    def __init__(self, *, temperature: float, top_p: float, generator: torch.Generator | None = None,
+                 generators: list[torch.Generator] | None = None, candidates: int = 1024):
+        """One `generator` for the whole batch, or `generators`, one per row: then a row's draws depend on its
+        own seed alone, not on which rows share its batch."""
+        assert temperature > 0 and (generator is None) != (generators is None)
+        self.temperature, self.top_p, self.candidates = temperature, top_p, candidates
+        self.generator, self.generators = generator, generators
 
     def __call__(self, input_ids, scores):
         w, idx = _nucleus(scores, self.temperature, self.top_p, self.candidates)
         c = w.cumsum(-1)
-        u = torch.rand(w.shape[0], 1, generator=self.generator, device=w.device, dtype=c.dtype)
+        if self.generators is None:
+            u = torch.rand(w.shape[0], 1, generator=self.generator, device=w.device, dtype=c.dtype)
+        else:
+            assert len(self.generators) == w.shape[0], (len(self.generators), w.shape)
+            u = torch.cat([torch.rand(1, 1, generator=g, device=w.device, dtype=c.dtype) for g in self.generators])
         j = torch.searchsorted(c, u * c[:, -1:]).clamp_(max=w.shape[1] - 1)
         picked = idx.gather(1, j)
         return torch.full_like(scores, float("-inf")).scatter_(1, picked, 0.0)
@@ -287,16 +295,23 @@ def end_ids(model, tok) -> set[int]:
     return {tok.eos_token_id} if tok.eos_token_id is not None else set()
 
 
-def _own_sampling(tok, *, seed: int, device, temperature: float, top_p: float, max_new_tokens: int) -> dict:
-    """`generate` arguments that sample with `NucleusSampler` and a generator seeded with `seed`
-    (temperature 0: greedy)."""
+def answer_seed(seed: int, row: int, sample: int) -> int:
+    """The seed of answer `sample` to row `row` of a `sample_sequences` call with `seed`."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) % 2**63, row, sample]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def _own_sampling(tok, *, seeds: list[int], device, temperature: float, top_p: float, max_new_tokens: int) -> dict:
+    """`generate` arguments that sample with `NucleusSampler`, row b of the batch from a generator seeded
+    with seeds[b] (temperature 0: greedy)."""
     from transformers import LogitsProcessorList
 
     kw = sampling_kwargs(tok, temperature=0.0, top_p=top_p, max_new_tokens=max_new_tokens)
     if temperature > 0:
-        gen = torch.Generator(device=device).manual_seed(int(seed))
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         kw["logits_processor"] = LogitsProcessorList([NucleusSampler(temperature=temperature, top_p=top_p,
-                                                                     generator=gen)])
+                                                                     generators=gens)])
     return kw
 
 
@@ -324,15 +339,16 @@ def _shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, n: int):
 
 
 @torch.no_grad()
-def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, batch_size: int = 48, progress=None,
+def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, batch_size: int = 96, progress=None,
                      score: bool = False, **sampling) -> list[list[Sampled]]:
     """n answers to each of several token sequences, as texts and token ids: [len(rows)][n] Sampled.
 
     Rows are generated several at a time (about `batch_size` sequences per `generate` call, left padded
     with an attention mask), longest first so that each call pads little; the results come back in the
     order of `rows`. `progress(done, total)` is called after each call. Tokens are drawn by
-    `NucleusSampler` from a generator seeded by `seed` and the batching, so the same call gives the same
-    answers (whatever else uses the process-wide RNG). With `score`, each answer
+    `NucleusSampler`, answer j to row i from a generator of its own seeded by `answer_seed(seed, i, j)`: the
+    same call gives the same answers whatever `batch_size` is (up to float rounding: a batch's padding can
+    move a logit in its last bits) and whatever else uses the process-wide RNG. With `score`, each answer
     carries log pi(ids | row) summed from the model's raw (unwarped) logits at every sampled step, the
     end token included: the log-prob a separate scoring pass would give, without that pass."""
     dev = next(model.parameters()).device
@@ -342,7 +358,7 @@ def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, ba
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[list[Sampled] | None] = [None] * len(rows)
     threads = governor() if dev.type == "cpu" else None
-    for c, s in enumerate(range(0, len(order), per_call)):
+    for s in range(0, len(order), per_call):
         if threads is not None:
             threads.tick()
         chunk = [rows[i] for i in order[s : s + per_call]]
@@ -354,7 +370,8 @@ def sample_sequences(model, tok, rows: list[list[int]], *, n: int, seed: int, ba
         res = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
                              cache=_shared_prefix(model, ids, mask, n),
                              return_dict_in_generate=True, output_logits=score,
-                             **_own_sampling(tok, seed=seed * 7_919 + c, device=dev, **sampling))
+                             **_own_sampling(tok, seeds=[answer_seed(seed, i, j) for i in order[s : s + per_call]
+                                                         for j in range(n)], device=dev, **sampling))
         gen = res.sequences.tolist()
         if score:  # [B, steps] log-softmax of the raw logits at each sampled token
             new_ids = res.sequences[:, L:]

@@ -47,7 +47,8 @@ class TextMeasure:
     samples: int = 4  # k deployed (and reflective) samples per prompt
     kl_samples: int = 4  # samples per prompt at T = 1 for KL and the frontier
     reflective: bool = True
-    batch_size: int = 48  # sequences per generate call
+    batch_size: int = 96  # sequences per generate call (the answers do not depend on it)
+    sampler: str = "per-answer seeds"  # each answer's draws from its own seed (generation.answer_seed)
     n_boot: int = 2000
 
 
