@@ -3,7 +3,9 @@
 The decoder body runs once; only the hidden states at positions that predict a scored token are
 kept ([N, H]); the LM head and log-softmax then run over chunks of those N positions, each chunk
 under activation checkpointing, so the fp32 logits alive at any time are [chunk, V] in the forward
-and in the backward. `method="full"` is the obvious implementation, kept as the reference.
+and in the backward. A head that is not trained (LoRA) is not checkpointed: its input gradient is formed
+in the forward while the chunk's logits exist (`_FrozenHeadLogps`), so its backward runs no head.
+`method="full"` is the obvious implementation, kept as the reference.
 """
 
 from __future__ import annotations
@@ -58,12 +60,52 @@ def _head_logps(head, softcap, hidden: Tensor, targets: Tensor) -> Tensor:
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def chunked_head_logps(head, hidden: Tensor, targets: Tensor, chunk: int, softcap=None) -> Tensor:
-    """[N, H], [N] -> [N]; peak logits memory is one [chunk, V] block forward and backward."""
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log-softmax(h W^T + b)[t] for a head that is not trained, its gradient formed in the forward.
+
+    d logp_i / d h_i = (onehot(t_i) - softmax_i) W: an [n, H] block computed while the [n, V] logits exist,
+    so the backward is one multiply by the incoming gradient. Under checkpointing the backward would run the
+    head again (logits, log-softmax) and then its input gradient: three [n, H] x [H, V] products per chunk
+    where this does two, and no [n, V] tensor is kept."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, t: Tensor) -> Tensor:
+        logits = torch.nn.functional.linear(h, weight, bias).float()
+        logp = logits.log_softmax(-1)
+        out = logp.gather(-1, t[:, None]).squeeze(-1)
+        basis = logp.exp_().neg_()  # -softmax, in place of the log-softmax
+        basis.scatter_add_(-1, t[:, None], torch.ones_like(out)[:, None])
+        ctx.save_for_backward(basis.to(weight.dtype) @ weight)  # [n, H]
+        ctx.h_dtype = h.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (basis,) = ctx.saved_tensors
+        return (grad[:, None].to(basis.dtype) * basis).to(ctx.h_dtype), None, None, None
+
+
+def _frozen_plain_head(head) -> bool:
+    """A linear head whose weights are not trained, held whole (not a DTensor shard, not a ZeRO-3
+    placeholder): the case `_FrozenHeadLogps` covers (LoRA, whose adapters leave the head alone)."""
+    w = getattr(head, "weight", None)
+    b = getattr(head, "bias", None)
+    return (type(head) is nn.Linear and w is not None and not w.requires_grad
+            and (b is None or not b.requires_grad) and type(w) in (torch.Tensor, nn.Parameter)
+            and not hasattr(w, "ds_id") and w.dim() == 2 and w.numel() > 0)
+
+
+def chunked_head_logps(head, hidden: Tensor, targets: Tensor, chunk: int, softcap=None, fused: bool = True) -> Tensor:
+    """[N, H], [N] -> [N]; peak logits memory is one [chunk, V] block forward and backward. A frozen plain
+    head (no softcap) forms its input gradient in the forward (`_FrozenHeadLogps`; `fused=False` keeps
+    checkpointing, the reference); any other head is checkpointed and runs again in the backward."""
     outs = []
+    use_fused = fused and softcap is None and _frozen_plain_head(head)
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s : s + chunk], targets[s : s + chunk]
-        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
+        if torch.is_grad_enabled() and use_fused and h.requires_grad:
+            outs.append(_FrozenHeadLogps.apply(h, head.weight, head.bias, t))
+        elif torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
             outs.append(checkpoint(_head_logps, head, softcap, h, t, use_reentrant=False))
         else:
             outs.append(_head_logps(head, softcap, h, t))

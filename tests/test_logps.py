@@ -94,3 +94,77 @@ def test_chunked_peak_memory_is_bounded_for_a_128k_vocabulary():
     assert full > 1000, full  # the naive path really materialises the logits
     assert long < full / 4, (long, full)
     assert long - short < 64, (short, long)  # no growth with sequence length beyond hidden states
+
+
+def _plain_head_logps(head, h, t):
+    """The obvious way: whole logits, log-softmax, gather (autograd through all of it)."""
+    return head(h).float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_frozen_head_forms_its_gradient_in_the_forward(bias):
+    """Values and d/dh of the fused frozen-head path equal the plain head's (chunks smaller than N), and
+    it runs two [n, H] x [H, V] products per chunk where checkpointing runs three (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=bias).requires_grad_(False)
+    h0, t = torch.randn(23, 16), torch.randint(0, 300, (23,))
+    w = torch.randn(23)  # a weighted sum: each row's incoming gradient differs
+    h = h0.clone().requires_grad_()
+    want = _plain_head_logps(head, h, t)
+    (want * w).sum().backward()
+    g_want = h.grad.clone()
+    got_grads = {}
+    flops = {}
+    for fused in (True, False):
+        h = h0.clone().requires_grad_()
+        with FlopCounterMode(display=False) as fc:
+            got = chunked_head_logps(head, h, t, chunk=5, fused=fused)
+            (got * w).sum().backward()
+        flops[fused] = fc.get_total_flops()
+        assert_close(got, want, atol=1e-6, rtol=1e-6)
+        got_grads[fused] = h.grad.clone()
+    assert_close(got_grads[True], g_want, atol=1e-6, rtol=1e-5)
+    assert_close(got_grads[False], g_want, atol=1e-6, rtol=1e-5)
+    gemm = 2 * 23 * 16 * 300  # one [23, 16] x [16, 300] product, in FLOPs
+    assert flops[True] == 2 * gemm and flops[False] == 3 * gemm
+
+
+def test_a_trained_head_is_checkpointed_and_its_weight_gets_gradients():
+    """The fused path is for frozen heads only: a trained head's weight gradient equals the plain head's."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 40, bias=False)
+    h, t = torch.randn(9, 8, requires_grad=True), torch.randint(0, 40, (9,))
+    _plain_head_logps(head, h, t).sum().backward()
+    g_w, g_h = head.weight.grad.clone(), h.grad.clone()
+    head.weight.grad, h.grad = None, None
+    chunked_head_logps(head, h, t, chunk=4).sum().backward()
+    assert_close(head.weight.grad, g_w, atol=1e-6, rtol=1e-5)
+    assert_close(h.grad, g_h, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_on_a_tied_model_trains_through_the_fused_head_like_the_full_path():
+    """LoRA on every linear layer leaves the (tied) head frozen: the chunked scorer takes the fused path,
+    and the adapters' gradients equal the full-logits path's."""
+    from peft import LoraConfig, get_peft_model
+
+    import inspo_core.logps as lp
+
+    base = tiny_llama(300, hidden_size=32, seed=5)
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    _, head, _ = lp.split_model(lora)
+    assert lp._frozen_plain_head(head)
+    ids, mask, target = random_batch(300)
+    rows, cols = target[:, 1:].nonzero(as_tuple=True)
+    grads = {}
+    for method in ("chunked", "full"):
+        lora.zero_grad()
+        TokenLogps(lora, method=method, chunk_mb=5 * 4 * 300 / 2**20)(ids, mask, rows, cols).sum().backward()
+        grads[method] = {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
+    assert grads["full"] and set(grads["full"]) == set(grads["chunked"])
+    for n in grads["full"]:
+        assert_close(grads["chunked"][n], grads["full"][n], atol=1e-5, rtol=1e-4, msg=n)

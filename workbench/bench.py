@@ -241,7 +241,7 @@ class TrlRunner:
 def executed_flops(r) -> float:
     """FLOPs one step of `r` executes, as torch's FlopCounterMode counts them (the mean over the runner's
     batches; TRL's row: one step): every matmul the layout runs, padding, the LM head where it is computed and
-    its recompute in the backward included. SDPA runs on its math kernel while counting, so attention counts as
+    (a trained head: it is checkpointed) its recompute in the backward included. SDPA runs on its math kernel while counting, so attention counts as
     the full square that kernel computes (the fused CPU kernel skips blocks above the diagonal: for attention
     this count is an upper bound). The step trains as a timed one does."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -368,7 +368,7 @@ def run_bench(cfg: BenchConfig, log=print) -> list[dict]:
         f"({'bf16' if cfg.bf16 else 'fp32'} GEMM, best of before and after), of two counts: model FLOPs (what the "
         "work needs: each view's sequence on its own, no padding, 6 per trained and 4 per frozen matmul weight per "
         "token, the LM head at scored tokens, causal attention) and executed FLOPs (what the step ran, counted by "
-        "torch's FlopCounterMode: padding, the head's recompute, attention as full squares; tree packing's shared "
+        "torch's FlopCounterMode: padding, a trained head's recompute, attention as full squares; tree packing's shared "
         "prompt once)")
     log(check_targets(rows))
     if cfg.json:
