@@ -120,11 +120,12 @@ class TokenLogps(nn.Module):
     transformers model (or peft model) itself: save it, not the wrapper.
     """
 
-    def __init__(self, lm: nn.Module, method: str = "chunked", chunk_mb: float = DEFAULT_CHUNK_MB):
+    def __init__(self, lm: nn.Module, method: str = "chunked", chunk_mb: float = DEFAULT_CHUNK_MB,
+                 fused_head: bool = True):
         super().__init__()
         if method not in ("chunked", "full"):
             raise ValueError(f"unknown log-prob method {method!r}; valid: chunked, full")
-        self.lm, self.method, self.chunk_mb = lm, method, chunk_mb
+        self.lm, self.method, self.chunk_mb, self.fused_head = lm, method, chunk_mb, fused_head
         # FSDP auto-wrapping reads the layer classes to shard from the top-level module
         self._no_split_modules = getattr(lm, "_no_split_modules", None)
 
@@ -157,7 +158,7 @@ class TokenLogps(nn.Module):
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
         picked = hidden.last_hidden_state[predict_rows, predict_cols]  # [N, H]
         chunk = chunk_size_for(head.weight.shape[0], self.chunk_mb)
-        return chunked_head_logps(head, picked, targets, chunk, softcap)
+        return chunked_head_logps(head, picked, targets, chunk, softcap, fused=self.fused_head)
 
 
 def as_scorer(model, **kw) -> nn.Module:
