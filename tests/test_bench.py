@@ -159,3 +159,26 @@ def test_executed_flops_of_a_step_without_padding():
     upper_half = 3 * 2 * mc.num_hidden_layers * mc.hidden_size * sum(k * k for k in n)
     recompute = 2 * m.head * scored
     assert executed_flops(r) == minimal + upper_half + recompute
+
+
+def test_the_length_sweep_tags_rows_and_summarises_them(tmp_path):
+    """A sweep runs the fixed-length bench per response length (prompts half as long), keeps each row's
+    length, and its summary's spread is computed from the rows' own MFU values."""
+    out = tmp_path / "sweep.json"
+    assert main(["bench", "--preset", "tiny", "--sweep", "8,16", "--batch_size", "2", "--steps", "1", "--rounds", "1",
+                 "--warmup", "0", "--memory", "false", "--strategies", "none,symmetric", "--packings", "padded,tree",
+                 "--references", "cached", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert sorted({(r["response_len"], r["prompt_len"]) for r in rows}) == [(8, 4), (16, 8)]
+    assert len(rows) == 2 * 2 * 2
+    for g in doc["summary"]:
+        mfu = [r["mfu_executed"] for r in sorted(rows, key=lambda r: r["response_len"])
+               if (r["strategy"], r["packing"]) == (g["strategy"], g["packing"])]
+        assert g["mfu_executed"] == mfu
+        mean = sum(mfu) / len(mfu)
+        assert g["mfu_spread"] == [max(mfu) / mean - 1, min(mfu) / mean - 1]
+    longer = {(r["strategy"], r["packing"]): r["tokens_processed"] for r in rows if r["response_len"] == 16}
+    shorter = {(r["strategy"], r["packing"]): r["tokens_processed"] for r in rows if r["response_len"] == 8}
+    assert all(longer[k] > shorter[k] for k in longer)
+    assert (tmp_path / "sweep.html").read_text().count("executed-FLOP MFU") >= 1
