@@ -37,6 +37,7 @@ from inspo_core.strategies import resolve_method
 from inspo_core.trainer import map_large_allocations, peak_rss_mb
 from inspo_core.tree_attention import use_tree_attention
 from workbench.bench_data import Data, matmul_params, model_flops
+from workbench.bench_report import TRL_ROW, add_ratios, check_targets, format_rows
 
 PRESETS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab)
     "tiny": (64, 2, 4, 4, 128, 1000),
@@ -182,7 +183,7 @@ class TrlRunner:
     timed from the first forward of a step to the end of its optimizer step (the batch's collation,
     which ours does outside the timed steps too, is not counted)."""
 
-    name = ("trl-dpo", "trl", "cached")
+    name = TRL_ROW
     strategy, packing, reference = name
 
     def __init__(self, cfg: BenchConfig, rows: list[dict], tok, dev, flops: float):
@@ -318,7 +319,9 @@ def run_bench(cfg: BenchConfig, log=print) -> list[dict]:
         print(f"{measure_one_memory(cfg):.1f}")
         return []
     if cfg.sweep:
-        return run_sweep(cfg, log)
+        from workbench.bench_sweep import run_sweep
+
+        return run_sweep(cfg, run_bench, versions(), log)
     dev, policy, ref_model = _setup(cfg)
     mc = policy.config
     n_params = sum(p.numel() for p in policy.parameters())
@@ -396,22 +399,6 @@ def versions() -> dict:
     return out
 
 
-def add_ratios(rows: list[dict]) -> None:
-    base = {(row["strategy"], row["packing"], row["reference"]): row for row in rows}
-    ref, trl = base.get(("none", "padded", "cached")), base.get(TrlRunner.name)
-    for row in rows:
-        same = base.get(("none", row["packing"], row["reference"]))
-        if ref:
-            row["time_ratio_vs_none_padded_cached"] = row["sec_per_step"] / ref["sec_per_step"]
-        if trl:
-            row["time_ratio_vs_trl"] = row["sec_per_step"] / trl["sec_per_step"]
-        if same and row["tokens_processed"]:
-            row["time_ratio_vs_none"] = row["sec_per_step"] / same["sec_per_step"]
-            row["tokens_ratio_vs_none"] = row["tokens_processed"] / same["tokens_processed"]
-            if row["peak_mem_mb"] is not None and same["peak_mem_mb"]:
-                row["mem_ratio_vs_none"] = row["peak_mem_mb"] / same["peak_mem_mb"]
-
-
 def profile_step(r) -> str:
     """Where one step of `r` spends its time: the profiler's top operators by self time."""
     from torch.profiler import ProfilerActivity, profile
@@ -447,138 +434,3 @@ def _memory(cfg: BenchConfig, row: dict, dev) -> float:
         args += [f"--{f.name}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
     out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def format_rows(rows: list[dict]) -> str:
-    def f(v, spec):
-        return "-" if v is None else format(v, spec)
-
-    head = f"{'strategy':<10}{'packing':<8}{'reference':<10}{'s/step':>8}{'pairs/s':>9}{'tokens':>8}{'MFU':>7}" \
-           f"{'MFU ex':>7}{'ex/model':>9}" \
-           f"{'peak MB':>9}{'time/none':>10}{'tokens/none':>12}{'vs none-padded':>15}{'vs TRL':>8}"
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r['strategy']:<10}{r['packing']:<8}{r['reference']:<10}{r['sec_per_step']:>8.3f}"
-                     f"{r['pairs_per_s']:>9.2f}{f(r['tokens_processed'], '.0f'):>8}{r['mfu']:>7.1%}"
-                     f"{r['mfu_executed']:>7.1%}{r['executed_flops'] / r['model_flops']:>9.2f}"
-                     f"{f(r['peak_mem_mb'], '.0f'):>9}{f(r.get('time_ratio_vs_none'), '.2f'):>10}"
-                     f"{f(r.get('tokens_ratio_vs_none'), '.2f'):>12}"
-                     f"{f(r.get('time_ratio_vs_none_padded_cached'), '.2f'):>15}"
-                     f"{f(r.get('time_ratio_vs_trl'), '.2f'):>8}")
-    return "\n".join(lines)
-
-
-def check_targets(rows: list[dict]) -> str:
-    """DESIGN section 7 targets, each stated with the measured numbers."""
-    by = {(r["strategy"], r["packing"], r["reference"]): r for r in rows}
-    out = ["targets:"]
-    for packing in ("padded", "tree"):
-        s, n = by.get(("symmetric", packing, "cached")), by.get(("none", packing, "cached"))
-        if s and n:
-            bound = 1.1 * s["tokens_ratio_vs_none"]
-            out.append(f"  symmetric/none time ({packing}) {s['time_ratio_vs_none']:.2f} <= 1.1 x tokens ratio "
-                       f"{bound:.2f}: {'met' if s['time_ratio_vs_none'] <= bound else 'NOT met'}")
-            if s.get("mem_ratio_vs_none"):
-                out.append(f"  symmetric/none peak memory ({packing}) {s['mem_ratio_vs_none']:.2f} <= 1.15: "
-                           f"{'met' if s['mem_ratio_vs_none'] <= 1.15 else 'NOT met'}")
-        a, s2 = by.get(("averaged", packing, "cached")), by.get(("symmetric", packing, "cached"))
-        if a and s2:
-            ratio = a["sec_per_step"] / s2["sec_per_step"]
-            out.append(f"  averaged/symmetric time ({packing}) {ratio:.2f} <= 1.1: {'met' if ratio <= 1.1 else 'NOT met'}")
-    trl = by.get(TrlRunner.name)
-    if trl:
-        for strategy, bound in (("none", 1.0), ("symmetric", 1.3)):
-            mine = [r for r in rows if r["strategy"] == strategy and r["reference"] == "cached"]
-            if mine:
-                best = min(mine, key=lambda r: r["sec_per_step"])
-                ratio = best["sec_per_step"] / trl["sec_per_step"]
-                out.append(f"  {strategy} ({best['packing']}) vs TRL DPO time {ratio:.2f} <= {bound}: "
-                           f"{'met' if ratio <= bound else 'NOT met'}")
-    s_tree, n_pad = by.get(("symmetric", "tree", "cached")), by.get(("none", "padded", "cached"))
-    if s_tree and n_pad:
-        out.append(f"  symmetric with tree packing vs plain DPO padded: {s_tree['time_ratio_vs_none_padded_cached']:.2f}x "
-                   "time (the paper reports 1.18-1.25x)")
-    return "\n".join(out)
-
-
-
-def run_sweep(cfg: BenchConfig, log=print) -> list[dict]:
-    """Cost against work: the fixed-length bench at each response length of `cfg.sweep` (prompts half as
-    long), every configuration's row tagged with its `response_len`; then, per strategy x packing, how much the
-    executed-FLOP MFU moves across lengths (the target: within +-20% of its mean for tree packing) and how
-    close peak memory is to a line through the origin in the tokens a step processes."""
-    lengths = [int(x) for x in cfg.sweep]
-    if any(n < 2 for n in lengths):
-        raise ValueError(f"sweep={cfg.sweep}: response lengths must be at least 2 tokens")
-    rows = []
-    for n in lengths:
-        sub = dataclasses.replace(cfg, sweep=[], json=None, lengths="fixed", response_len=n, prompt_len=max(2, n // 2))
-        log(f"sweep: responses {n} tokens, prompts {sub.prompt_len}")
-        rows += [{**r, "response_len": n, "prompt_len": sub.prompt_len} for r in run_bench(sub, log)]
-    summary = sweep_summary(rows)
-    log(format_sweep(summary))
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows, "summary": summary,
-                                              "versions": versions()}, indent=1))
-        sweep_figure(rows).write_html(str(Path(cfg.json).with_suffix(".html")), include_plotlyjs="cdn")
-    return rows
-
-
-def sweep_summary(rows: list[dict]) -> list[dict]:
-    """Per (strategy, packing, reference): the executed-FLOP MFU's spread across lengths (max and min over
-    the mean, minus 1) and, where memory was measured, MB per thousand processed tokens at each length."""
-    import statistics
-
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["strategy"], r["packing"], r["reference"]), []).append(r)
-    out = []
-    for key, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["response_len"])
-        mfu = [r["mfu_executed"] for r in rs]
-        mean = statistics.mean(mfu)
-        mem = [r["peak_mem_mb"] / (r["tokens_processed"] / 1000) if r.get("peak_mem_mb") and r["tokens_processed"]
-               else None for r in rs]
-        out.append({"strategy": key[0], "packing": key[1], "reference": key[2],
-                    "lengths": [r["response_len"] for r in rs], "mfu_executed": mfu,
-                    "mfu_spread": (max(mfu) / mean - 1, min(mfu) / mean - 1), "mb_per_k_tokens": mem})
-    return out
-
-
-def format_sweep(summary: list[dict]) -> str:
-    lines = ["length sweep: executed-FLOP MFU per length, its spread around the mean (target for tree packing: "
-             "within +-20%), and peak MB per 1000 processed tokens (flat: memory linear in tokens)"]
-    for g in summary:
-        mfu = " ".join(f"{m:.1%}" for m in g["mfu_executed"])
-        hi, lo = g["mfu_spread"]
-        mem = " ".join("-" if m is None else f"{m:.0f}" for m in g["mb_per_k_tokens"])
-        ok = "" if g["packing"] != "tree" else ("  target met" if hi <= 0.2 and lo >= -0.2 else "  target missed")
-        lines.append(f"{g['strategy']:9s} {g['packing']:6s} {g['reference']:6s} lengths {g['lengths']}: MFU {mfu} "
-                     f"(spread {lo:+.0%}/{hi:+.0%}{ok}); MB per 1k tokens {mem}")
-    return "\n".join(lines)
-
-
-def sweep_figure(rows: list[dict]):
-    """Two panels: executed-FLOP MFU against response length, and peak memory against processed tokens."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("executed-FLOP MFU", "peak memory"))
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(f"{r['strategy']} {r['packing']} {r['reference']}", []).append(r)
-    for i, (name, rs) in enumerate(groups.items()):
-        rs = sorted(rs, key=lambda r: r["response_len"])
-        color = f"hsl({(i * 67) % 360}, 60%, 45%)"
-        fig.add_trace(go.Scatter(x=[r["response_len"] for r in rs], y=[r["mfu_executed"] for r in rs], name=name,
-                                 legendgroup=name, mode="lines+markers", line={"color": color}), 1, 1)
-        if all(r.get("peak_mem_mb") for r in rs):
-            fig.add_trace(go.Scatter(x=[r["tokens_processed"] for r in rs], y=[r["peak_mem_mb"] for r in rs], name=name,
-                                     legendgroup=name, showlegend=False, mode="lines+markers", line={"color": color}),
-                          1, 2)
-    fig.update_xaxes(type="log", title_text="response tokens", row=1, col=1)
-    fig.update_xaxes(type="log", title_text="tokens processed per step", row=1, col=2)
-    fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=1)
-    fig.update_yaxes(type="log", title_text="MB", row=1, col=2)
-    fig.update_layout(title="Cost against work (workbench bench --sweep)", template="plotly_white", height=420)
-    return fig
