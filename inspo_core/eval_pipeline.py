@@ -151,6 +151,7 @@ def evaluate(cfg: EvalConfig, log=print, progress=None) -> tuple[dict, dict[str,
             f"LC {r['lc_win_rate']:.3f} ({calls} judge calls, {len(items) - calls} reused)")
     doc = {"judge": cfg.judge, "judge_identity": judge_id, "baseline": str(baseline), "baseline_identity": base_id,
            "prompts": len(prompts), "prompts_source": cfg.prompts, "n_samples": cfg.n_samples, "sampling": sampling,
+           "sampler": "per-answer seeds",
            "temperature": cfg.temperature, "top_p": cfg.top_p, "results": results}
     write_json(out_path, doc)
     log(f"wrote {out_path}")

@@ -156,15 +156,19 @@ def judge_all(judge, items: list[tuple[str, str, str, str]], log: JudgementLog, 
 
 def generate_responses(model_dir: str | Path, prompts: list, n: int, *, temperature: float = 0.7,
                        top_p: float = 0.95, max_new_tokens: int = 256, seed: int = 0,
-                       trust_remote_code: bool = False) -> list[list[str]]:
+                       trust_remote_code: bool = False, batch_size: int = 96,
+                       progress=None) -> list[list[str]]:
     """n sampled responses per prompt (strings or chat message lists) from the prompt alone: the
-    deployment setting. Seeded per prompt, so two checkpoints see the same random stream."""
-    from inspo_core.generation import ModelCache, prompt_ids, sample_from_ids
+    deployment setting. Batched (`sample_sequences`, about `batch_size` answers per call) and seeded per
+    answer, answer k to prompt i by `answer_seed(seed, i, k)`: two checkpoints see the same random stream,
+    and the answers do not depend on `batch_size`. `progress(done, total)` counts answers."""
+    from inspo_core.generation import ModelCache, prompt_ids, sample_sequences
 
     model, tok, builder = ModelCache(size=1, trust_remote_code=trust_remote_code).get(model_dir)
-    return [sample_from_ids(model, tok, prompt_ids(builder, prompt, max_new_tokens), seed=seed * 1_000_003 + i,
-                            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
-            for i, prompt in enumerate(prompts)]
+    rows = [prompt_ids(builder, prompt, max_new_tokens) for prompt in prompts]
+    got = sample_sequences(model, tok, rows, n=n, seed=seed, batch_size=batch_size, progress=progress,
+                           temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    return [[s.text for s in answers] for answers in got]
 
 
 def write_json(path: str | Path, doc: dict) -> None:

@@ -137,3 +137,36 @@ def test_eval_leaves_a_demo_runs_eval_json_untouched(tmp_path, tokenizer, monkey
     again = ev.run_eval(ev.EvalConfig(checkpoints=[str(run)], prompts=str(tmp_path / "prompts.txt"), n_samples=2,
                                       max_new_tokens=4, n_boot=20, output=str(out)), log=lambda m: None)
     assert again["results"][str(run / "final")]["judge_calls"] == 0
+
+
+def test_generate_responses_is_batched_and_does_not_depend_on_the_batching(tmp_path, tokenizer, monkeypatch):
+    """`eval` and the app's Batch tab sample through `generate_responses`: several prompts per `generate`
+    call (it used to sample one prompt at a time), each answer from its own seed, so the texts are the
+    same whatever the batch size, and equal to `sample_sequences` on the prompts' rendered ids."""
+    import transformers
+
+    from inspo_core.evaluate import generate_responses
+    from inspo_core.generation import ModelCache, prompt_ids, sample_sequences
+    from inspo_core.models import tiny_llama
+
+    d = tmp_path / "model"
+    tiny_llama(len(tokenizer), seed=4).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    prompts = ["the cat sat", "a dog ran to the", "the sea", "one two three four five six"]
+    calls = []
+    real = transformers.GenerationMixin.generate
+    monkeypatch.setattr(transformers.GenerationMixin, "generate",
+                        lambda self, *a, **k: calls.append(k["input_ids"].shape[0]) or real(self, *a, **k))
+    kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=5, seed=3)
+    together = generate_responses(d, prompts, 3, batch_size=96, **kw)
+    assert calls == [len(prompts) * 3]  # every prompt's answers in one call
+    calls.clear()
+    alone = generate_responses(d, prompts, 3, batch_size=3, **kw)
+    assert calls == [3] * len(prompts)
+    assert together == alone and len(together) == len(prompts) and all(len(r) == 3 for r in together)
+    assert len({t for r in together for t in r}) > 3  # the answers vary: the comparison is not vacuous
+    model, tok, builder = ModelCache(size=1).get(d)
+    direct = sample_sequences(model, tok, [prompt_ids(builder, p, 5) for p in prompts], n=3, seed=3,
+                              temperature=1.0, top_p=0.95, max_new_tokens=5)
+    assert together == [[s.text for s in r] for r in direct]
+    assert generate_responses(d, prompts, 3, batch_size=96, **{**kw, "seed": 4}) != together
