@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from inspo_core.config import opt
+from inspo_core.eval_config import EvalConfig
 from inspo_core.evaluate import (
     JudgementLog, describe_checkpoint, generate_responses, judge_all, judgement_key, summarize, write_json,
 )
-from inspo_core.judges import JUDGES, make_judge
+from inspo_core.judges import make_judge
 from inspo_core.rundir import RunDir, model_dir
-
-
-@dataclass
-class EvalConfig:
-    checkpoints: list = opt([], "checkpoint directories (a run directory means its final/)")
-    baseline: str = opt("ref", "'ref' (the run's starting model, pi_ref in worlds) or a checkpoint directory")
-    prompts: str = opt("world", "'world' (a world's prompts), or a .jsonl with 'prompt' or a .txt, one per line")
-    judge: str = opt("oracle", "who decides", choices=list(JUDGES))
-    judge_model: str | None = opt(None, "reward model or judge LM directory (judge=reward_model or llm)")
-    judge_url: str | None = opt(None, "OpenAI-compatible base URL (judge=http; default INSPO_JUDGE_BASE_URL)")
-    n_samples: int = opt(20, "responses per prompt from each model")
-    temperature: float = opt(0.7, "sampling temperature (paper: 0.7)")
-    top_p: float = opt(0.95, "nucleus sampling (paper: 0.95)")
-    max_new_tokens: int = opt(64, "generation length cap")
-    seed: int = opt(0, "sampling seed (the same for every model)")
-    n_boot: int = opt(1000, "bootstrap resamples for the confidence intervals")
-    output: str | None = opt(None, "output JSON path (default: win_rates.json in the first checkpoint's run "
-                                   "directory; its judgements go next to it in <stem>.judgements.jsonl)")
-    trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
-    cache_dir: str = opt(".cache/inspo", "where named models (smollm2) are materialised")
-
-    def __post_init__(self):
-        if not self.checkpoints:
-            raise ValueError("eval needs at least one checkpoint: --checkpoints runs/a,runs/b")
 
 
 def load_prompts(spec: str, world) -> list:

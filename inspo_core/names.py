@@ -4,7 +4,8 @@
 --help` and a config's errors come without loading torch. The registries holding the code are built from these
 entries and nothing else: `objectives.OBJECTIVES` (one loss function per `OBJECTIVE_SPECS` entry),
 `strategies.STRATEGIES` (`STRATEGY_SPECS`), `engines.ENGINES` (`ENGINE_SUMMARIES`), and the layout names
-`CONTEXT_FORMATS`, `PROMPT_FORMATS` (conditioning), `PACKINGS` (scoring), `REF_CONDITIONING` (strategies).
+`CONTEXT_FORMATS`, `PROMPT_FORMATS` (conditioning), `PACKINGS` (scoring), `REF_CONDITIONING` (strategies);
+`judges.JUDGES` (`JUDGE_NAMES`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ CONTEXT_FORMATS = ("sep", "raw", "template")
 PROMPT_FORMATS = ("auto", "chat", "plain")
 PACKINGS = ("padded", "tree")
 
+# pairwise judges (`judges.JUDGES` holds their code) and the single-answer graders of MT-Bench (`workbench.protocol`)
+JUDGE_NAMES = ("oracle", "reward_model", "llm", "http")
+GRADER_NAMES = ("oracle", "llm", "http")
 ENGINE_SUMMARIES: dict[str, str] = {
     "none": "every process holds the whole model (DDP when launched on several)",
     "fsdp2": "parameters, gradients and optimizer state sharded per decoder layer (torch FSDP2, CPU or GPU)",

@@ -23,12 +23,12 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from inspo_core.config import opt
+from workbench.serve_config import ServeConfig
+
 
 DEFAULT_MAX_TOKENS = 128  # when the request names no max_tokens / max_completion_tokens
 # Fields of the OpenAI API that cannot change the output: accepted whatever their value.
@@ -78,27 +78,6 @@ class ChatRequest(BaseModel):
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-
-@dataclass
-class ServeConfig:
-    model: str = opt("", "checkpoint directory (a run's final/ or any causal LM), a .gguf file or a name (smollm2)")
-    cache_dir: str = opt(".cache/inspo", "where named models are materialised")
-    host: str = opt("127.0.0.1", "interface to bind (127.0.0.1 keeps it local)")
-    port: int = opt(8000, "port")
-    name: str | None = opt(None, "model name reported by /v1/models (default: the directory name)")
-    trust_remote_code: bool = opt(False, "allow the model repository to run its own code")
-    max_new_tokens: int = opt(512, "cap on max_tokens per request")
-    max_input_tokens: int | None = opt(None, "refuse prompts longer than this (default: the model's context length)")
-    max_queue: int = opt(8, "requests that may wait for the model at once; more get HTTP 429")
-    api_key: str | None = opt(None, "bearer token clients must send (default: the environment variable "
-                              "INSPO_SERVE_API_KEY; none: no authentication)")
-
-    def __post_init__(self):
-        if not self.model:
-            raise ValueError("serve needs --model PATH (a checkpoint directory)")
-        if self.max_queue < 1 or self.max_new_tokens < 1:
-            raise ValueError("max_queue and max_new_tokens must be >= 1")
 
 
 def not_unicode(text: str) -> str | None:
