@@ -13,8 +13,11 @@ import yaml
 from inspo_core.config import TrainConfig, diff_from_defaults, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-YAMLS = sorted(p for p in ROOT.rglob("*.y*ml") if ".git" not in p.parts and p.suffix in (".yaml", ".yml")
-               and not any(part.startswith(".") or part == "runs" for part in p.relative_to(ROOT).parts))
+# the repository's YAMLs: tracked, or new and not ignored (a run directory under logs/ or runs/ is not a config)
+_LISTED = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.yaml", "*.yml"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+YAMLS = sorted(ROOT / p for p in _LISTED if (ROOT / p).is_file()
+               and not any(part.startswith(".") for part in Path(p).parts))
 ACCELERATE = [p for p in YAMLS if "accelerate" in p.parts]
 TRAIN = [p for p in YAMLS if p not in ACCELERATE]
 
