@@ -60,6 +60,16 @@ class TrainPlan:
     reference_pending: bool = False
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant, so LoRA's frozen inputs need
+    no gradient); the layer boundaries alone are kept."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = "",
             mark=lambda phase: None) -> tuple[TrainPlan, torch.nn.Module]:
     """(plan, the policy's TokenLogps on the accelerator's device, sharded by the engine, its optimizer not yet
@@ -114,11 +124,7 @@ def prepare(cfg: TrainConfig, acc, engine: Engine, say=print, launcher: str = ""
     if cfg.packing == "tree":  # attention per tree segment instead of a dense mask over packed rows
         use_tree_attention(policy)
     if cfg.gradient_checkpointing:
-        enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy)
     scorer = TokenLogps(policy, chunk_mb=cfg.logps_chunk_mb)
     if into_shards:  # the reference is scored by the wrapped, sharded policy (`score_pending_reference`)
         scorer = engine.shard(acc, scorer)

@@ -182,3 +182,41 @@ def test_the_length_sweep_tags_rows_and_summarises_them(tmp_path):
     shorter = {(r["strategy"], r["packing"]): r["tokens_processed"] for r in rows if r["response_len"] == 8}
     assert all(longer[k] > shorter[k] for k in longer)
     assert (tmp_path / "sweep.html").read_text().count("executed-FLOP MFU") >= 1
+
+
+def test_activation_checkpointing_recomputes_the_body_once_and_changes_no_gradient():
+    """`bench --gradient_checkpointing` (the trainer's setting, one helper for both) runs each decoder layer's
+    forward again in the backward: the step executes one more forward of the body (its matmuls but each
+    layer's last, and attention's full squares, counted by hand) and the gradients are those of the plain step."""
+    import torch
+
+    from inspo_core.scoring import score_batch
+    from workbench.bench import Runner, _setup, executed_flops
+    from workbench.bench_data import Data, matmul_params
+
+    def runner(gc: bool):
+        cfg = BenchConfig(preset="tiny", prompt_len=16, response_len=8, batch_size=2, references=["cached"],
+                          gradient_checkpointing=gc)
+        dev, policy, ref = _setup(cfg, live_reference=False)
+        return Runner(cfg, "symmetric", "padded", "cached", policy, ref,
+                      Data(cfg, policy.config.vocab_size).batches("symmetric"), dev)
+
+    plain, ckpt = runner(False), runner(True)
+    mc = plain.policy.config
+    n = [len(p.sequence(v)[0]) for p in plain.pairs[0] for v in plain.method.policy_views]
+    assert len(set(n)) == 1  # one length: no padding
+    # the recompute stops once the last tensor the backward needs is back (torch's non-reentrant early stop):
+    # each layer's last matmul, down_proj, is not run again (its backward needs its input, not its output)
+    down = sum(layer.mlp.down_proj.weight.numel() for layer in plain.policy.get_decoder().layers)
+    body = matmul_params(plain.policy).body
+    forward_again = 2 * (body - down) * sum(n) + 4 * mc.num_hidden_layers * mc.hidden_size * sum(k * k for k in n)
+    grads = []
+    for r in (plain, ckpt):  # the step's loss, its gradient kept (the same seeded weights in both)
+        scored = score_batch(r.scorer, r.batches[0], device=r.dev)
+        r.method.loss(scored.logps, r.cached[0], scored.lengths).losses.mean().backward()
+        grads.append([p.grad.clone() for p in r.policy.parameters() if p.requires_grad])
+        r.opt.zero_grad(set_to_none=True)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert executed_flops(ckpt) == executed_flops(plain) + forward_again

@@ -232,6 +232,10 @@ def _setup(cfg: BenchConfig, live_reference: bool = True):
     if cfg.tree_attention == "segments":
         for m in {id(policy): policy, id(ref_model): ref_model}.values():
             use_tree_attention(m)
+    if cfg.gradient_checkpointing:
+        from inspo_core.plan import enable_checkpointing
+
+        enable_checkpointing(policy)
     return dev, policy, ref_model
 
 

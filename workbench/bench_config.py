@@ -41,6 +41,8 @@ class BenchConfig:
     references: list = opt(["cached", "live"], "reference: cached log-probs, or a frozen model run every step")
     tree_attention: str = opt("segments", "tree packing's attention: per tree segment (the trainer's), or a dense "
                               "[N, N] mask over each packed row", choices=["segments", "dense"])
+    gradient_checkpointing: bool = opt(False, "recompute each layer's activations in the backward (the trainer's "
+                                       "--gradient_checkpointing)")
     device: str = opt("auto", "auto, cpu or cuda")
     bf16: bool = opt(False, "bf16 weights and compute (CUDA)")
     memory: bool = opt(True, "measure peak memory (CPU: one child process per configuration)")
