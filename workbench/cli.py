@@ -19,7 +19,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     types = field_types(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
+        text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats with %
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if types[f.name] is bool:
