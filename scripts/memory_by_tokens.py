@@ -29,18 +29,18 @@ CONFIGS = [("none", "tree", "template"), ("none", "padded", "template"), ("symme
 
 
 def run(pairs: str, model: str, strategy: str, packing: str, context: str, checkpointing: bool, steps: int,
-        cache_dir: str, scratch: Path) -> dict:
+        cache_dir: str, scratch: Path, cpu_malloc: str = "auto") -> dict:
     out = scratch / f"{strategy}-{packing}-{context}-{int(checkpointing)}"
     cmd = [sys.executable, "-m", "workbench", "train", "--model", model, "--data", pairs, "--lora", "16",
            "--batch_size", "8", "--max_length", "192", "--max_steps", str(steps), "--val_size", "0",
            "--eval_every", "0", "--save_every", "0", "--lr", "1e-3", "--objective", "dpo", "--beta", "0.1",
            "--strategy", strategy, "--packing", packing, "--context_format", context,
            "--gradient_checkpointing", str(checkpointing).lower(), "--cache_dir", cache_dir,
-           "--output_dir", str(out), "--overwrite", "true"]
+           "--output_dir", str(out), "--overwrite", "true", "--cpu_malloc", cpu_malloc]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"peak_mem_mb"' in line]
     tokens = max(r["tokens_per_s"] * 8 / r["pairs_per_s"] for r in rows)
-    return dict(strategy=strategy, packing=packing, context=context, checkpointing=checkpointing,
+    return dict(strategy=strategy, packing=packing, context=context, checkpointing=checkpointing, cpu_malloc=cpu_malloc,
                 tokens=round(tokens), peak_mb=max(r["peak_mem_mb"] for r in rows), state_mb=rows[0]["state_mb"],
                 s_per_step=[round(8 / r["pairs_per_s"], 1) for r in rows])
 
@@ -51,20 +51,23 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--cache_dir", default=".cache/inspo")
+    ap.add_argument("--cpu_malloc", default="auto", help="the trainer's --cpu_malloc (auto: trim for one process)")
+    ap.add_argument("--checkpointing", default="false,true", help="activation checkpointing settings to run")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
+    settings = [v == "true" for v in args.checkpointing.split(",")]
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="memory-by-tokens-"))
     try:
-        for gc in (False, True):
+        for gc in settings:
             for strategy, packing, context in CONFIGS:
                 rows.append(run(args.pairs, args.model, strategy, packing, context, gc, args.steps, args.cache_dir,
-                                scratch))
+                                scratch, args.cpu_malloc))
                 print(json.dumps(rows[-1]), flush=True)
                 Path(args.json).write_text(json.dumps(rows, indent=1))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    for gc in (False, True):
+    for gc in settings:
         sel = [r for r in rows if r["checkpointing"] == gc]
         x, y = np.array([r["tokens"] for r in sel], float), np.array([r["peak_mb"] for r in sel])
         b, a = np.polyfit(x, y, 1)
