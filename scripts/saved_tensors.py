@@ -4,7 +4,8 @@ attributed to the innermost module running when it was saved, divided by the ste
 
 If INS-DPO keeps the same bytes per token as DPO, its memory over DPO's is its token ratio and nothing per view.
 
-    PYTHONPATH=. python scripts/saved_tensors.py PAIRS.jsonl MODEL_DIR [--pairs 8] [--gradient_checkpointing]
+    PYTHONPATH=. python scripts/saved_tensors.py PAIRS.jsonl MODEL_DIR [--pairs_per_step 8] [--gradient_checkpointing]
+        [--timeline]   # and the live tensors at the step's peak by category (torch's memory profiler)
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ def account(model, scorer, prepared, loss_fn) -> dict[str, float]:
     return dict(out)
 
 
+def peak_by_category(scorer, prepared, loss_fn) -> dict[str, float]:
+    """The live tensors at the peak of one forward + backward, MB by torch's memory-profiler category (activation,
+    temporary, gradient, autograd detail, ...), from the profiler's allocation timeline on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    from inspo_core.scoring import score_batch
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        loss_fn(score_batch(scorer, prepared)).backward()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    at = max(sizes, key=sum)
+    names = {i + 1: (c.name.lower() if c is not None else "unknown") for c, i in _CATEGORY_TO_INDEX.items()}
+    out = {names[i]: round(v / 2**20, 1) for i, v in enumerate(at) if i in names and v}
+    return {"total": round(sum(at) / 2**20, 1), **out}
+
+
 def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,6 +98,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--pairs_per_step", type=int, default=8)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--timeline", action="store_true", help="also the live tensors at the step's peak, by category")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = [json.loads(line) for line in Path(args.pairs).read_text().splitlines()[: args.pairs_per_step]]
@@ -104,12 +123,16 @@ def main() -> None:
         prepared = prepare_batch(pairs, method.policy_views, packing=packing, pad_id=pad)
         with torch.no_grad():  # the reference's log-probs (the policy's own at its start: LoRA's B is zero)
             ref = score_batch(scorer, prepare_batch(pairs, method.ref_views, packing=packing, pad_id=pad)).logps
-        saved = account(model, scorer, prepared, lambda s: method.loss(s.logps, ref, s.lengths).losses.mean())
+        loss_fn = lambda s: method.loss(s.logps, ref, s.lengths).losses.mean()  # noqa: E731
+        saved = account(model, scorer, prepared, loss_fn)
+        model.zero_grad(set_to_none=True)
+        peak = peak_by_category(scorer, prepared, loss_fn) if args.timeline else None
         model.zero_grad(set_to_none=True)
         total = sum(saved.values())
         row = dict(strategy=strategy, packing=packing, context=context, tokens=prepared.tokens,
                    positions=prepared.batch.input_ids.numel(), saved_mb=total / 2**20,
-                   kb_per_token={k: round(v / prepared.tokens / 1024, 1) for k, v in sorted(saved.items())})
+                   kb_per_token={k: round(v / prepared.tokens / 1024, 1) for k, v in sorted(saved.items())},
+                   **({"peak_live_mb": peak} if peak else {}))
         out.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
