@@ -227,3 +227,22 @@ def test_the_scripts_commands_parse_against_the_project(capsys):
         else:
             _parse_workbench(argv[3:])
     capsys.readouterr()
+
+
+SCRIPTS = sorted({m for page in PAGES for m in re.findall(r"\bscripts/[\w-]+\.(?:py|sh)\b", page.read_text())})
+
+
+def test_the_docs_name_scripts():
+    assert "scripts/memory_by_tokens.py" in SCRIPTS and "scripts/threads_beside.sh" in SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_the_docs_name_exists_and_a_python_one_answers_help(script):
+    """Measurement scripts are run as `PYTHONPATH=. python scripts/X.py ...` (not the commands above): each one a
+    page names exists, and a Python one's command line loads (its imports and arguments) with `--help`."""
+    path = ROOT / script
+    assert path.is_file(), f"{script} is named in the docs but does not exist"
+    if path.suffix == ".py":
+        res = subprocess.run([sys.executable, str(path), "--help"], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+        assert res.returncode == 0 and "usage" in res.stdout, (script, res.stderr[-2000:])
