@@ -234,6 +234,22 @@ class FSDP2(Engine):
         load_sharded(scorer, optimizer, ckpt / "dcp")
 
 
+def zero3_buffers(model) -> dict[str, int]:
+    """ZeRO-3's buffer and residency settings sized to `model`, so that what a rank holds falls with the number of
+    ranks. DeepSpeed's defaults are sized for billions of parameters: a 5e8-element gradient-reduction bucket
+    (2 GB in fp32) and up to 1e9 live parameters with a reuse distance of 1e9, under which a model below a
+    billion parameters is never released between its forward and its backward (every rank holds it whole).
+    Here: the buckets as accelerate's "auto" sizes them (hidden^2; prefetch 0.9 hidden^2; parameters below
+    10 hidden stay whole), and at most two decoder layers' parameters live at once."""
+    hidden = int(getattr(model, "lm", model).config.hidden_size)  # a TokenLogps scorer holds its model as .lm
+    full = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731  (a partitioned parameter's whole size)
+    layers = [m for m in model.modules() if m.__class__.__name__.endswith("DecoderLayer")]
+    layer = max((sum(full(p) for p in m.parameters()) for m in layers), default=hidden * hidden)
+    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_live_parameters": 2 * layer,
+            "stage3_max_reuse_distance": 2 * layer}
+
+
 class Zero3(Engine):
     """DeepSpeed ZeRO-3 through accelerate. On CPU accelerate reports one process on every rank while
     DeepSpeed's world holds them all (FACTS): batch sizes are set from the real world size."""
@@ -297,7 +313,17 @@ class Zero3(Engine):
         ds = acc.state.deepspeed_plugin.deepspeed_config  # DeepSpeed needs the real batch sizes (its world)
         ds["train_micro_batch_size_per_gpu"] = plan.cfg.batch_size
         ds["train_batch_size"] = plan.global_batch
+        zero = ds.setdefault("zero_optimization", {})
+        for key, value in zero3_buffers(scorer).items():
+            zero.setdefault(key, value)  # a value the DeepSpeed config sets itself is kept
         return acc.prepare(scorer, optimizer)
+
+    def after_forward(self, scorer) -> None:
+        """Release every parameter a forward left gathered or in flight (DeepSpeed prefetches the next step's first
+        parameters, the embedding among them): a gather outside a forward, such as saving `final/` one tensor at
+        a time, cannot re-partition a parameter in flight."""
+        if hasattr(scorer, "empty_partition_cache"):  # the DeepSpeedEngine accelerate's prepare returned
+            scorer.empty_partition_cache()
 
     def clip_grad_norm(self, acc, scorer, max_norm: float):
         return None  # DeepSpeed clips inside its step
