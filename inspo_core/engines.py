@@ -237,10 +237,12 @@ class FSDP2(Engine):
 def zero3_buffers(model) -> dict[str, int]:
     """ZeRO-3's buffer and residency settings sized to `model`, so that what a rank holds falls with the number of
     ranks. DeepSpeed's defaults are sized for billions of parameters: a 5e8-element gradient-reduction bucket
-    (2 GB in fp32) and up to 1e9 live parameters with a reuse distance of 1e9, under which a model below a
-    billion parameters is never released between its forward and its backward (every rank holds it whole).
-    Here: the buckets as accelerate's "auto" sizes them (hidden^2; prefetch 0.9 hidden^2; parameters below
-    10 hidden stay whole), and at most two decoder layers' parameters live at once."""
+    (2 GB in fp32), parameters under 1e5 elements kept whole on every rank, and up to 1e9 live parameters with
+    a reuse distance of 1e9 (DeepSpeed does not release a parameter it will reuse within that many), which
+    allows a model below a billion parameters to stay gathered between its forward and its backward. Here: the
+    buckets as accelerate's "auto" sizes them (hidden^2; prefetch 0.9 hidden^2; parameters below 10 hidden stay
+    whole), and at most two decoder layers' parameters live at once. Measured together (docs/cluster.md), not
+    one by one."""
     hidden = int(getattr(model, "lm", model).config.hidden_size)  # a TokenLogps scorer holds its model as .lm
     full = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731  (a partitioned parameter's whole size)
     layers = [m for m in model.modules() if m.__class__.__name__.endswith("DecoderLayer")]
