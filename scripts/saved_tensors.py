@@ -112,9 +112,9 @@ def main() -> None:
     model.train()
     scorer = TokenLogps(model, chunk_mb=256)
     out = []
-    for strategy, packing, context in [("none", "tree", "template"), ("none", "padded", "template"),
-                                       ("symmetric", "tree", "template"), ("symmetric", "padded", "template"),
-                                       ("symmetric", "tree", "raw")]:
+    from scripts.memory_by_tokens import CONFIGS  # the same configurations as the peak-memory runs
+
+    for strategy, packing, context in CONFIGS:
         method = resolve_method("dpo", strategy)
         builder = ConditioningBuilder(tok, BuilderConfig(context_format=context, max_length=192),
                                       sorted(set(method.policy_views) | set(method.ref_views)))
